@@ -1,0 +1,1 @@
+"""Install, config, systemd and udev, enrolment, and the simulated demo cabinet."""

@@ -1,0 +1,1 @@
+"""The Flask admin page and kiosk view."""
