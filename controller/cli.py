@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--site", default="demo", help="site name in MQTT topics")
     demo.add_argument("--name", default="cabinet-1", help="cabinet name in MQTT topics")
+    demo.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="simulated reader speed: 1 = real time, 0 = instant (benchmarks)",
+    )
 
     adm = sub.add_parser("set-admin", help="create or reset an admin account for the web page")
     adm.add_argument("--config", default=DEFAULT_CONFIG)

@@ -41,6 +41,7 @@ from web.sim import create_sim_blueprint
 log = logging.getLogger(__name__)
 
 ANTENNAS = 8
+CARD_HOLD_S = 1.5  # how long a simulated tap holds the badge on the reader
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,10 @@ class SimulatedCabinetHardware:
 
     def present_badge(self, uid: str) -> None:
         # A new tap takes the previous card out of the field first, as a hand would.
+        # The card stays longer than nfcpy's udp reader needs to find it (up to ~1.05 s:
+        # it waits 1 s on every poll that went out before the card was there).
         self.badge.remove()
-        self.badge.present(uid, seconds=0.5)
+        self.badge.present(uid, seconds=CARD_HOLD_S)
 
     def set_door(self, is_open: bool) -> None:
         pin = self.factory.pin(self.gpio.door_pin)
@@ -147,7 +150,7 @@ class SimulatedCabinetHardware:
             "lock": "released" if lock_high == self.gpio.lock_active_high else "locked",
             "inside": list(self.rfid.tags()),
             "known": list(self.placements),
-            "settled": self.badge.wait_done(0),
+            "card_present": not self.badge.wait_done(0),
         }
 
 

@@ -125,8 +125,11 @@ def tap(sim: BadgeSimulator, recorder: Recorder, uid: str, kind: str, linger: fl
     ids=["tt2-uid4", "tt2-uid7-nxp", "tt4a-uid4", "tt4a-uid7"],
 )
 def test_presented_card_is_reported_exactly_once(
-    sim: BadgeSimulator, ready_reader: Callable[..., tuple[BadgeReader, Recorder]], uid: str,
-    kind: str, tag_type: str,
+    sim: BadgeSimulator,
+    ready_reader: Callable[..., tuple[BadgeReader, Recorder]],
+    uid: str,
+    kind: str,
+    tag_type: str,
 ) -> None:
     reader, recorder = ready_reader()  # default 3 s hold-off
     sim.present(uid.lower(), kind, seconds=HOLD_S)  # lower-case in, upper-case out

@@ -29,7 +29,7 @@ class SimulatedHardware(Protocol):
     def move_tags(self, add: list[str], remove: list[str]) -> None: ...
 
     def hardware_state(self) -> dict[str, Any]:
-        """``door``, ``lock``, ``inside`` (EPCs), ``known`` (every EPC), ``settled``."""
+        """``door``, ``lock``, ``inside`` (EPCs), ``known`` (every EPC), ``card_present``."""
         ...
 
 
@@ -127,7 +127,8 @@ def create_sim_blueprint(
                 "door": hs["door"],
                 "lock": hs["lock"],
                 "cabinet_state": snap.get("state"),
-                "idle": bool(snap.get("idle")) and hs["settled"],
+                "card_present": hs["card_present"],
+            "idle": bool(snap.get("idle")),
             }
         )
 

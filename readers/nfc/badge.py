@@ -166,6 +166,11 @@ class BadgeReader:
                 # is gone or stopped answering.
                 raise OSError("reader stopped responding (see the nfc.clf log)")
             self._handle_tag(tag)
+            # Switch the field off now (sense() with no targets only mutes) so the pause in
+            # _terminate falls between field-off and the next poll: a card needs field-off
+            # time to reset (ISO 14443: at least 5 ms), and nfcpy's own re-poll would send
+            # RFOFF and the next SENS_REQ back to back.
+            clf.sense()
 
     def _terminate(self) -> bool:
         # nfcpy calls this before every sense attempt. Waiting on the stop event both paces
@@ -198,9 +203,7 @@ class BadgeReader:
 
 
 def _is_finite_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _describe(exc: BaseException) -> str:

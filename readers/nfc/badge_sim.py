@@ -25,9 +25,13 @@ Timing facts to design tests around:
   :meth:`BadgeSimulator.present` (about 0.5 s on average). Present cards for longer than
   that, or until the reader reports them and then call :meth:`BadgeSimulator.remove`.
 * A frame that reaches the port while the card re-binds between two ``listen()`` calls is
-  lost (that costs the reader one poll). To keep that window out of the reader's way, a
-  presentation uses one ``listen()`` for its whole duration and only re-binds right after
-  answering a command, when the reader is busy or waiting anyway.
+  lost (that costs the reader one poll, 1 s). So a presentation stays in one ``listen()``
+  through any number of anticollisions, and after answering a command it waits for the next
+  one on the same socket (``exchange``). It re-binds only after leaving a command unanswered
+  (the reader then waits out its own timeout first) or after the reader's RFOFF. nfcpy sends
+  its next SENS_REQ right behind an RFOFF, so a reader should switch the field off and pause
+  before polling again after talking to a card; :class:`~readers.nfc.badge.BadgeReader`
+  does, a bare ``connect()`` loop may lose one poll per re-read of a Type 4A card.
 * A presentation may outlive ``seconds`` by up to 0.5 s (the driver's minimum receive wait)
   but answers at most one frame after its deadline, which cannot complete an activation.
 """
@@ -82,7 +86,9 @@ def parse_uid(uid: str) -> bytes:
         raise TypeError(f"uid must be a hex string, got {type(uid).__name__}")
     text = uid.strip()
     if not text or any(c not in string.hexdigits for c in text):
-        raise ValueError(f"uid must be hexadecimal digits only (e.g. '04A1B2C3D4E5F6'), got {uid!r}")
+        raise ValueError(
+            f"uid must be hexadecimal digits only (e.g. '04A1B2C3D4E5F6'), got {uid!r}"
+        )
     if len(text) % 2:
         raise ValueError(f"uid must have an even number of hex digits, got {uid!r}")
     raw = bytes.fromhex(text)
@@ -177,7 +183,9 @@ class BadgeSimulator:
                 if pres.done.wait(min(0.05, max(0.0, end - time.monotonic()))):
                     return True
                 if time.monotonic() >= end:
-                    log.warning("card on port %d did not go away within %.1f s", self._port, timeout)
+                    log.warning(
+                        "card on port %d did not go away within %.1f s", self._port, timeout
+                    )
                     return False
 
     def close(self, timeout: float = 2.0) -> None:
@@ -226,15 +234,8 @@ class BadgeSimulator:
                         pres.cancel.wait(0.05)
                     continue
                 command = activated.tt4_cmd or activated.tt2_cmd
-                if command is None:
-                    continue  # e.g. an NFC-DEP ATR_REQ: not something a badge answers
-                response = respond(pres.kind, pres.uid, bytes(command))
-                if response is not None:
-                    # Send only (timeout 0) and go straight back to listen(): the reader
-                    # is now processing the answer, so this is the safe moment to re-bind.
-                    # Waiting in exchange() instead would re-bind right after the reader's
-                    # RFOFF, racing the SENS_REQ that follows it.
-                    clf.exchange(response, 0)
+                if command is not None:  # None: e.g. an NFC-DEP ATR_REQ, not for a badge
+                    self._serve(clf, pres, bytes(command))
         except Exception:
             log.exception("card emulation on port %d failed", self._port)
         finally:
@@ -244,6 +245,31 @@ class BadgeSimulator:
                 except Exception:
                     log.exception("closing the card frontend on port %d failed", self._port)
             pres.done.set()
+
+    def _serve(self, clf: nfc.ContactlessFrontend, pres: _Presentation, command: bytes) -> None:
+        """Answer commands on an activated link until the reader ends it or goes quiet."""
+        while not pres.cancel.is_set():
+            response = respond(pres.kind, pres.uid, command)
+            if response is None:
+                # Silence (an unsupported command): the reader times out and senses again,
+                # so re-binding in listen() now is safe; it happens well before that.
+                return
+            remaining = pres.deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                # Send the answer and wait for the next command on the same bound socket,
+                # so a command sent right after our answer (a presence check, the next
+                # APDU) cannot fall into a re-bind gap.
+                received = clf.exchange(response, remaining)
+            except nfc.clf.BrokenLinkError:
+                return  # RFOFF: the reader switched the field off; be ready for a new poll
+            except nfc.clf.CommunicationError as exc:
+                log.debug("card on port %d: %s", self._port, exc)
+                return  # deadline reached (timeout) or a malformed frame
+            if received is None:
+                return
+            command = bytes(received)
 
 
 def _local_target(pres: _Presentation) -> nfc.clf.LocalTarget:
