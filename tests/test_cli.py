@@ -15,7 +15,10 @@ pytestmark = pytest.mark.timeout(60)
 def smartcab(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "controller.cli", *args],
-        capture_output=True, text=True, input=stdin, timeout=30,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=30,
     )
 
 
@@ -28,13 +31,13 @@ def test_help_lists_the_commands():
 
 def test_bad_config_is_one_line_naming_the_key(tmp_path):
     path = tmp_path / "smartcab.toml"
-    path.write_text('[rfid]\npower_dbm = 45\n')
+    path.write_text("[rfid]\npower_dbm = 45\n")
     out = smartcab("run", "--config", str(path))
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "smartcab: config: rfid.power_dbm: must be between 0 and 31.5"
     ]
-    path.write_text('[gpio]\nlock_pn = 4\n')
+    path.write_text("[gpio]\nlock_pn = 4\n")
     out = smartcab("check-config", "--config", str(path))
     assert out.returncode == 2 and "gpio.lock_pn: unknown key" in out.stderr
 

@@ -128,7 +128,7 @@ def create_sim_blueprint(
                 "lock": hs["lock"],
                 "cabinet_state": snap.get("state"),
                 "card_present": hs["card_present"],
-            "idle": bool(snap.get("idle")),
+                "idle": bool(snap.get("idle")),
             }
         )
 

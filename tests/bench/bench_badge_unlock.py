@@ -39,8 +39,11 @@ def cycle(demo: Demo, lock_pin, start_tap) -> float:
     demo.hw.set_door(True)
     wait(lambda: board.snapshot().get("state") == "open", 5, "door open")
     demo.hw.set_door(False)
-    wait(lambda: board.snapshot().get("idle") and board.snapshot().get("door") == "closed",
-         10, "idle again")
+    wait(
+        lambda: board.snapshot().get("idle") and board.snapshot().get("door") == "closed",
+        10,
+        "idle again",
+    )
     return latency
 
 
@@ -48,17 +51,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--taps", type=int, default=200)
     args = ap.parse_args()
-    demo = Demo(http="127.0.0.1:0", mqtt=None, data_dir=tempfile.mkdtemp(), time_scale=0.0,
-                nfc_holdoff_s=0.2)
+    demo = Demo(
+        http="127.0.0.1:0",
+        mqtt=None,
+        data_dir=tempfile.mkdtemp(),
+        time_scale=0.0,
+        nfc_holdoff_s=0.2,
+    )
     demo.start()
     demo.wait_idle(30)
     lock_pin = demo.hw.factory.pin(demo.config.gpio.lock_pin)
     badges = [u.badge for u in DEMO_USERS if u.enabled]
     try:
-        e2e = [cycle(demo, lock_pin, lambda i=i: demo.hw.present_badge(badges[i % len(badges)]))
-               for i in range(args.taps)]
-        ctl = [cycle(demo, lock_pin, lambda i=i: demo.app.cabinet.badge(badges[i % len(badges)]))
-               for i in range(args.taps)]
+        e2e = [
+            cycle(demo, lock_pin, lambda i=i: demo.hw.present_badge(badges[i % len(badges)]))
+            for i in range(args.taps)
+        ]
+        ctl = [
+            cycle(demo, lock_pin, lambda i=i: demo.app.cabinet.badge(badges[i % len(badges)]))
+            for i in range(args.taps)
+        ]
     finally:
         demo.stop()
     print(summary_ms("tap -> lock high, end to end (nfcpy udp)", e2e))

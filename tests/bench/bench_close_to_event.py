@@ -29,9 +29,15 @@ TAGS = 200
 
 
 def run(broker: Broker, time_scale: float, rounds: int, dwell_ms: int, reader_rounds: int):
-    demo = Demo(http="127.0.0.1:0", mqtt=f"127.0.0.1:{broker.port}",
-                data_dir=tempfile.mkdtemp(), time_scale=time_scale, nfc_holdoff_s=0.2,
-                rounds=reader_rounds, dwell_ms=dwell_ms)
+    demo = Demo(
+        http="127.0.0.1:0",
+        mqtt=f"127.0.0.1:{broker.port}",
+        data_dir=tempfile.mkdtemp(),
+        time_scale=time_scale,
+        nfc_holdoff_s=0.2,
+        rounds=reader_rounds,
+        dwell_ms=dwell_ms,
+    )
     # Fill the cabinet to 200 tagged units before it starts.
     store = demo.app.open_store()
     with store.write():
@@ -77,7 +83,8 @@ def run(broker: Broker, time_scale: float, rounds: int, dwell_ms: int, reader_ro
             t0 = time.monotonic()
             demo.hw.set_door(False)
             with got:
-                if not got.wait_for(lambda: len(arrived) - before >= expected, 60):
+                done = before + expected
+                if not got.wait_for(lambda done=done: len(arrived) >= done, 60):
                     raise SystemExit("events did not arrive")
                 times.append(arrived[before + expected - 1][0] - t0)
     finally:

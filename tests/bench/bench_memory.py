@@ -36,8 +36,9 @@ class Client:
 
     def call(self, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base + path, data=data, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 
@@ -61,10 +62,24 @@ def main() -> None:
     broker.start()
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "demo", "--http", f"127.0.0.1:{port}",
-         "--mqtt", f"127.0.0.1:{broker.port}", "--data-dir", str(tmp / "demo"),
-         "--time-scale", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "controller.cli",
+            "demo",
+            "--http",
+            f"127.0.0.1:{port}",
+            "--mqtt",
+            f"127.0.0.1:{broker.port}",
+            "--data-dir",
+            str(tmp / "demo"),
+            "--time-scale",
+            "0",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         for line in proc.stdout:
@@ -90,10 +105,15 @@ def main() -> None:
             c.wait(lambda s: s["idle"] and s["door"] == "closed", 10, "scan")
             if (i + 1) % 100 == 0:
                 rate = (i + 1) / (time.monotonic() - started)
-                print(f"after {i + 1} transactions: {rss_mb(proc.pid):.1f} MB "
-                      f"({rate:.1f} transactions/s)", flush=True)
-        print(f"RESULT resident memory after {args.transactions} transactions: "
-              f"{rss_mb(proc.pid):.1f} MB")
+                print(
+                    f"after {i + 1} transactions: {rss_mb(proc.pid):.1f} MB "
+                    f"({rate:.1f} transactions/s)",
+                    flush=True,
+                )
+        print(
+            f"RESULT resident memory after {args.transactions} transactions: "
+            f"{rss_mb(proc.pid):.1f} MB"
+        )
     finally:
         proc.terminate()
         proc.wait(10)

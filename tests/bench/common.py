@@ -20,6 +20,8 @@ def percentile(values: list[float], p: float) -> float:
 
 def summary_ms(name: str, seconds: list[float]) -> str:
     ms = [s * 1000 for s in seconds]
-    return (f"{name}: n={len(ms)} median={statistics.median(ms):.1f} ms "
-            f"p90={percentile(ms, 90):.1f} ms p99={percentile(ms, 99):.1f} ms "
-            f"max={max(ms):.1f} ms")
+    return (
+        f"{name}: n={len(ms)} median={statistics.median(ms):.1f} ms "
+        f"p90={percentile(ms, 90):.1f} ms p99={percentile(ms, 99):.1f} ms "
+        f"max={max(ms):.1f} ms"
+    )
