@@ -10,7 +10,12 @@ setup(
     packages=find_packages(
         include=["firmware*", "readers*", "controller*", "web*", "provisioning*"]
     ),
-    package_data={"web": ["templates/*.html", "static/*"], "provisioning": ["*.toml", "*.service"]},
+    package_data={
+        "web": ["templates/*.html", "static/*"],
+        "provisioning": ["*.toml", "*.service", "*.rules", "*.sh"],
+        "controller": ["schemas/*.json"],
+        "readers": ["rfid/scenarios/*.toml"],
+    },
     install_requires=[
         "gpiozero==2.0.1.post3",
         "pyserial==3.5",
@@ -20,6 +25,7 @@ setup(
         "nfcpy==1.0.4",
         "schedule==1.2.2",
         "waitress==3.0.2",
+        "jsonschema==4.26.0",
     ],
     extras_require={
         "test": [
@@ -28,6 +34,7 @@ setup(
             "hypothesis==6.155.2",
             "playwright==1.65.2",
             "ruff==0.17.6",
+            "pyyaml==6.0.3",
         ],
     },
     entry_points={"console_scripts": ["smartcab = controller.cli:main"]},

@@ -16,7 +16,7 @@ import schedule
 from flask import Blueprint
 from waitress.server import create_server
 
-from controller.cabinet import Cabinet, StatusBoard
+from controller.cabinet import Cabinet, IdleScan, StatusBoard
 from controller.config import Config
 from controller.inventory import Inventory
 from controller.mqtt_link import Outbox
@@ -65,7 +65,9 @@ class CabinetApp:
             pin_factory=make_pin_factory(g.pin_factory),
         )
         r = config.rfid
-        self.inventory = Inventory(open_reader(r.protocol, r.port, r.baudrate, r.timeout_s), r)
+        self.inventory = Inventory(
+            open_reader(r.protocol, r.port, r.baudrate, r.timeout_s), r, config.inventory
+        )
         self.outbox = Outbox(config, self.open_store, self.board) if config.mqtt.enabled else None
         self.cabinet = Cabinet(
             config,
@@ -122,6 +124,10 @@ class CabinetApp:
             self._threads.append(t)
         # Light periodic jobs only; the cabinet's own timers live in its thread.
         self.scheduler.every(30).seconds.do(self._heartbeat)
+        if self.config.inventory.idle_scan_minutes:
+            self.scheduler.every(self.config.inventory.idle_scan_minutes).minutes.do(
+                self.cabinet.post, IdleScan()
+            )
         self.notifier.ready()
         log.info(
             "cabinet %s started%s",

@@ -14,8 +14,10 @@ States::
      └──door opens without a badge: forced_entry alarm ──▶ open ───────────┘
 
 Door open longer than ``door_ajar_s`` raises a ``door_ajar`` alarm (state stays open).
-A scan that is incomplete (reader error, antenna fault) never reports a take:
-only returns, which a sighting proves, are recorded, plus a ``reader_fault``.
+A unit is reported taken only when the inventory is confident it left (see
+controller/inventory.py); otherwise it is ``unit_uncertain`` and looked for again.
+A failed scan concludes nothing but a ``reader_fault``. Idle scans (scheduled while
+closed and locked) report changes as anomalies, never as silent state changes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.config import Config
-from controller.inventory import Inventory, Scan, diff
+from controller.inventory import Inventory, Scan
 from controller.store import Store, normalise_uid, utcnow
 from firmware import CabinetIO
 
@@ -46,6 +48,11 @@ class BadgeTapped:
 @dataclass(frozen=True)
 class DoorChanged:
     is_open: bool
+
+
+@dataclass(frozen=True)
+class IdleScan:
+    """Scan now if the cabinet is closed, locked and idle (schedule, ERP request)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,8 @@ class Cabinet:
                     self._on_badge(message.uid)
                 elif isinstance(message, DoorChanged):
                     self._on_door(message.is_open)
+                elif isinstance(message, IdleScan):
+                    self._on_idle_scan()
                 self._fire_timers()
             except Exception:
                 # A bug must not stop the cabinet: log it, secure the lock, carry on.
@@ -280,64 +289,95 @@ class Cabinet:
         self.state = SCANNING
         self.io.indicator.busy(True)
         self._publish()
-        scan = self.inventory.scan()
+        scan, presence = self._scan()
         self.io.indicator.busy(False)
         self.io.indicator.alarm(False)
         self.alarm = None
         session = self.session or {"id": None, "user": None, "kind": "forced"}
-        self._commit(lambda s: self._record_scan(s, scan, session))
-        self.board.update(
-            last_scan={
-                "scan_id": scan.scan_id,
-                "ts": utcnow(),
-                "tags": len(scan.tags),
-                "complete": scan.complete,
-                "faults": scan.faults,
-                "duration_s": round(scan.duration_s, 3),
-            }
-        )
+        self._commit(lambda s: self._record_scan(s, scan, presence, session))
+        self._scan_summary(scan)
         self.session = None
         self.state = IDLE
 
-    def _record_scan(self, s: Store, scan: Scan, session: dict[str, Any]) -> None:
-        """Diff the scan against the committed presence and record every change."""
-        sid, user = session["id"], session["user"]
+    def _scan(self) -> tuple[Scan, dict[str, dict[str, Any]]]:
+        """Inventory the cabinet against its committed presence."""
+        presence = self.store.presence()
+        scan = self.inventory.scan({epc: row["history"] for epc, row in presence.items()})
+        return scan, presence
+
+    def _record_scan(
+        self,
+        s: Store,
+        scan: Scan,
+        presence: dict[str, dict[str, Any]],
+        session: dict[str, Any] | None,
+    ) -> None:
+        """Record every change a scan found; ``session`` is None for idle scans.
+
+        After a door session, a unit that left is ``unit_taken`` by the session's
+        user (unattributed after a forced entry). Between sessions (idle or start-up
+        scans) a change is an anomaly: ``unit_missing`` / ``unit_appeared``.
+        """
+        sid = session["id"] if session else None
+        user = session["user"] if session else None
         if sid:
             s.mark_session(sid, closed_at=utcnow())
             s.append_event("door_closed", session_id=sid, user=user)
-        before = s.present_epcs()
-        change = diff(before, set(scan.tags))
-        removed = change.removed
         if not scan.complete:
-            # Absence is only evidence when every antenna was read: never blame
-            # a person on a partial scan. Returns are still proven by sightings.
             s.append_event(
                 "reader_fault",
                 session_id=sid,
                 data={
                     "scan_id": scan.scan_id,
-                    "faults": scan.faults,
-                    "withheld_removals": len(removed),
+                    "faults": scan.faults
+                    + [f"antenna {a}: {why}" for a, why in sorted(scan.degraded.items())],
+                    "withheld_removals": len(scan.withheld),
+                    "uncertain": len(scan.uncertain),
                 },
             )
-            removed = frozenset()
-        for epc in sorted(removed):
+        for epc in sorted(scan.gone):
+            row = presence[epc]
             unit = s.unit_by_epc(epc)
             s.set_absent(epc)
             if unit is None:
                 continue  # an unregistered tag left; nothing is owed for it
-            s.open_custody(unit["id"], user["id"] if user else None, sid or scan.scan_id)
+            taker, data = self._who_took(s, row, session)
+            s.open_custody(unit["id"], taker["id"] if taker else None, sid or scan.scan_id)
             s.append_event(
-                "unit_taken",
+                "unit_taken" if session else "unit_missing",
+                session_id=sid,
+                user=taker,
+                unit=unit,
+                data={**scan.absence(epc), **data},
+            )
+        for epc in sorted(scan.uncertain):
+            row = presence[epc]
+            if row["uncertain_since"]:
+                continue  # already flagged; the cabinet is still looking
+            s.mark_uncertain(epc, sid, user["id"] if user else None)
+            s.append_event(
+                "unit_uncertain",
                 session_id=sid,
                 user=user,
-                unit=unit,
-                data={"scan_id": scan.scan_id, "attributed": user is not None},
+                unit=s.unit_by_epc(epc),
+                epc=epc,
+                data={**scan.absence(epc), "reason": scan.uncertain[epc]},
             )
-        for epc in sorted(change.added):
+        for epc, tag in sorted(scan.tags.items()):
+            row = presence.get(epc)
             unit = s.unit_by_epc(epc)
-            tag = scan.tags[epc]
-            s.set_present(epc, unit["id"] if unit else None, tag.antennas, tag.rssi)
+            history = scan.history_update(epc, row["history"] if row else {})
+            s.set_present(epc, unit["id"] if unit else None, tag.antennas, tag.rssi, history)
+            if row is not None:
+                if row["uncertain_since"]:
+                    s.append_event(
+                        "unit_confirmed",
+                        session_id=sid,
+                        unit=unit,
+                        epc=epc,
+                        data={**scan.evidence(epc), "uncertain_since": row["uncertain_since"]},
+                    )
+                continue
             if unit is None:
                 s.append_event(
                     "unknown_tag", session_id=sid, user=user, epc=epc, data=scan.evidence(epc)
@@ -348,37 +388,108 @@ class Cabinet:
             if held:
                 data["held_by"] = held["user_id"]
                 data["held_since"] = held["taken_at"]
-            s.append_event("unit_returned", session_id=sid, user=user, unit=unit, data=data)
-        for epc in set(scan.tags) - change.added:
-            tag = scan.tags[epc]
-            s.touch_present(epc, tag.antennas, tag.rssi)
+            s.append_event(
+                "unit_returned" if session else "unit_appeared",
+                session_id=sid,
+                user=user,
+                unit=unit,
+                data=data,
+            )
         if sid:
             outcome = "completed" if scan.complete else "scan_incomplete"
             s.mark_session(sid, ended_at=utcnow(), outcome=outcome)
 
-    def _baseline(self) -> None:
-        """First start: take the cabinet's contents as the starting state."""
+    @staticmethod
+    def _who_took(
+        s: Store, row: dict[str, Any], session: dict[str, Any] | None
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The person a take is attributed to, or None with the candidates.
+
+        A unit flagged uncertain in an earlier session and confirmed gone now
+        could have left in that session or in any opened since; it is attributed
+        only when a single person had the door open in that time.
+        """
+        user = session["user"] if session else None
+        if not row["uncertain_since"]:
+            return user, {"attributed": user is not None}
+        candidates = {row["uncertain_user"]} if row["uncertain_user"] else set()
+        if user:
+            candidates.add(user["id"])
+        others = s.sessions_opened_since(row["uncertain_since"]) - (1 if session else 0)
+        data: dict[str, Any] = {
+            "uncertain_since": row["uncertain_since"],
+            "uncertain_session": row["uncertain_session"],
+        }
+        if (
+            others == 0
+            and len(candidates) == 1
+            and (row["uncertain_session"] is not None or session is not None)
+        ):
+            (uid,) = candidates
+            return s.user(uid), {**data, "attributed": True}
+        return None, {**data, "attributed": False, "candidates": sorted(candidates)}
+
+    def _on_idle_scan(self) -> None:
+        """A scheduled scan while closed and locked: any change is an anomaly."""
+        if self.state != IDLE or self.io.door.is_open:
+            return
         self.state = SCANNING
         self._publish()
-        scan = self.inventory.scan()
+        scan, presence = self._scan()
+        self._commit(lambda s: self._record_scan(s, scan, presence, None))
+        self._scan_summary(scan)
+        self.state = IDLE
+
+    def _scan_summary(self, scan: Scan) -> None:
+        self.board.update(
+            last_scan={
+                "scan_id": scan.scan_id,
+                "ts": utcnow(),
+                "tags": len(scan.tags),
+                "complete": scan.complete,
+                "faults": scan.faults,
+                "degraded": {str(a): why for a, why in scan.degraded.items()},
+                "rounds": scan.rounds,
+                "reverify_rounds": scan.reverify_rounds,
+                "gone": len(scan.gone),
+                "uncertain": len(scan.uncertain),
+                "duration_s": round(scan.duration_s, 3),
+                "antenna_reads": dict(self.inventory.last_antenna_reads),
+            }
+        )
+
+    def _baseline(self) -> None:
+        """Start-up scan: the first one sets the starting state; later ones are anomalies."""
+        self.state = SCANNING
+        self._publish()
+        scan, presence = self._scan()
         self.state = IDLE
         if scan.failed:
-            log.warning("baseline inventory failed: %s", scan.faults)
+            log.warning("start-up inventory failed: %s", scan.faults)
             return
-        if self.store.present_epcs():
-            # Not the first start: the committed state stands; the next close diffs against it.
+        if presence:
+            # Changes made while the controller was down belong to nobody we know.
+            self._commit(lambda s: self._record_scan(s, scan, presence, None))
+            self._scan_summary(scan)
             return
 
         def record(s: Store) -> None:
             for epc, tag in scan.tags.items():
                 unit = s.unit_by_epc(epc)
-                s.set_present(epc, unit["id"] if unit else None, tag.antennas, tag.rssi)
+                s.set_present(
+                    epc,
+                    unit["id"] if unit else None,
+                    tag.antennas,
+                    tag.rssi,
+                    scan.history_update(epc, {}),
+                )
             s.append_event(
                 "inventory_baseline",
                 data={"scan_id": scan.scan_id, "tags": len(scan.tags), "complete": scan.complete},
             )
 
         self._commit(record)
+        self._scan_summary(scan)
 
     def _publish(self) -> None:
         session = self.session or {}

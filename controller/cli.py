@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--site", default="demo", help="site name in MQTT topics")
     demo.add_argument("--name", default="cabinet-1", help="cabinet name in MQTT topics")
     demo.add_argument(
+        "--protocol",
+        default="mercury",
+        choices=["mercury", "r2000"],
+        help="which reader the simulated cabinet has (ThingMagic Mercury or R2000 0xA0)",
+    )
+    demo.add_argument(
         "--time-scale",
         type=float,
         default=1.0,
@@ -117,6 +123,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             site=args.site,
             name=args.name,
+            time_scale=args.time_scale,
+            protocol=args.protocol,
         )
         demo.serve_forever()
         return 0

@@ -119,7 +119,6 @@ class RfidConfig:
     power_dbm: float = 27.0
     region: str = "EU"
     session: int = 2
-    rounds: int = 2  # full passes over every antenna per inventory
     dwell_ms: int = 200  # time on each antenna per pass
     timeout_s: float = 1.0  # reply timeout on the serial link
 
@@ -133,7 +132,6 @@ class RfidConfig:
         _check(len(set(self.antennas)) == len(self.antennas), "antennas", "a port is listed twice")
         _check(0 <= self.power_dbm <= 31.5, "power_dbm", "must be between 0 and 31.5")
         _check(self.session in (0, 1, 2, 3), "session", "must be 0, 1, 2 or 3")
-        _check(1 <= self.rounds <= 20, "rounds", "must be between 1 and 20")
         _check(10 <= self.dwell_ms <= 10000, "dwell_ms", "must be between 10 and 10000 ms")
         _check(0.1 <= self.timeout_s <= 30, "timeout_s", "must be between 0.1 and 30 s")
         _check(
@@ -141,6 +139,72 @@ class RfidConfig:
             "baudrate",
             f"{self.baudrate} is not a supported baud rate",
         )
+
+
+@dataclass(frozen=True)
+class InventoryConfig:
+    """How a full inventory decides what is inside (see controller/inventory.py)."""
+
+    min_rounds: int = 2  # passes over every antenna before the scan may stop
+    max_rounds: int = 6  # hard limit on passes in the main scan
+    quiet_rounds: int = 1  # stop after this many passes that found no new tag
+    time_cap_s: float = 15.0  # the main scan stops here whatever it has found
+    reverify_rounds: int = 8  # extra targeted passes for a tag that went missing
+    reverify_dwell_ms: int = 300
+    # A missing unit is reported taken only when the chance that it is still inside
+    # but was not read is below this; otherwise it is reported uncertain.
+    max_miss_probability: float = 1e-6
+    rssi_floor_dbm: int = -80  # reads weaker than this are strays (outside the cabinet)
+    rssi_floor_by_antenna: dict[str, int] = field(default_factory=dict)  # {"3" = -70}
+    min_reads: int = 1  # a tag needs this many reads above the floor to count as inside
+    sentinels: dict[str, str] = field(default_factory=dict)  # antenna -> sentinel EPC
+    idle_scan_minutes: float = 15.0  # scan while closed and locked; 0 = never
+
+    def validate(self) -> None:
+        _check(1 <= self.min_rounds <= 20, "min_rounds", "must be between 1 and 20")
+        _check(self.min_rounds <= self.max_rounds <= 50, "max_rounds", "must be min_rounds to 50")
+        _check(1 <= self.quiet_rounds <= 10, "quiet_rounds", "must be between 1 and 10")
+        _check(0.5 <= self.time_cap_s <= 120, "time_cap_s", "must be between 0.5 and 120 s")
+        _check(0 <= self.reverify_rounds <= 50, "reverify_rounds", "must be between 0 and 50")
+        _check(
+            10 <= self.reverify_dwell_ms <= 10000,
+            "reverify_dwell_ms",
+            "must be between 10 and 10000 ms",
+        )
+        _check(
+            0 < self.max_miss_probability < 0.5,
+            "max_miss_probability",
+            "must be above 0 and below 0.5",
+        )
+        _check(-100 <= self.rssi_floor_dbm <= 0, "rssi_floor_dbm", "must be -100 to 0 dBm")
+        for port, floor in self.rssi_floor_by_antenna.items():
+            _check(
+                port.isdigit() and 1 <= int(port) <= 16,
+                "rssi_floor_by_antenna",
+                f"antenna {port!r} is not a port 1-16",
+            )
+            _check(-100 <= floor <= 0, "rssi_floor_by_antenna", f"{floor} is not -100 to 0 dBm")
+        for port, epc in self.sentinels.items():
+            _check(
+                port.isdigit() and 1 <= int(port) <= 16,
+                "sentinels",
+                f"antenna {port!r} is not a port 1-16",
+            )
+            _check(
+                bool(epc) and len(epc) % 4 == 0 and all(c in "0123456789ABCDEF" for c in epc),
+                "sentinels",
+                f"{epc!r} is not an upper-case hex EPC in whole 16-bit words",
+            )
+        _check(1 <= self.min_reads <= 100, "min_reads", "must be between 1 and 100")
+        _check(
+            self.idle_scan_minutes == 0 or 1 <= self.idle_scan_minutes <= 1440,
+            "idle_scan_minutes",
+            "must be 0 (off) or between 1 and 1440",
+        )
+
+    def floor(self, antenna: int) -> int:
+        """The RSSI floor of one antenna port."""
+        return self.rssi_floor_by_antenna.get(str(antenna), self.rssi_floor_dbm)
 
 
 @dataclass(frozen=True)
@@ -184,6 +248,7 @@ class Config:
     gpio: GpioConfig = field(default_factory=GpioConfig)
     nfc: NfcConfig = field(default_factory=NfcConfig)
     rfid: RfidConfig = field(default_factory=RfidConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     web: WebConfig = field(default_factory=WebConfig)
 
@@ -205,6 +270,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return None
         inner = [t for t in options if t is not type(None)][0]
         return _coerce(key, value, inner)
+    if origin is dict:
+        (_, inner) = get_args(typ)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key}: must be a table, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
     if origin is tuple:
         (inner, _) = get_args(typ)
         if not isinstance(value, list):
@@ -285,5 +355,7 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + "}"
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'

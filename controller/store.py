@@ -64,6 +64,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         );
         CREATE TABLE users (
             id INTEGER PRIMARY KEY,
+            external_id TEXT UNIQUE,
             name TEXT NOT NULL,
             email TEXT NOT NULL DEFAULT '',
             enabled INTEGER NOT NULL DEFAULT 1,
@@ -77,7 +78,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         );
         CREATE TABLE sessions (
             id TEXT PRIMARY KEY,
-            kind TEXT NOT NULL CHECK (kind IN ('badge', 'forced')),
+            kind TEXT NOT NULL CHECK (kind IN ('badge', 'forced', 'remote')),
             user_id INTEGER REFERENCES users(id),
             badge_uid TEXT,
             started_at TEXT NOT NULL,
@@ -134,6 +135,20 @@ def m001_initial(db: sqlite_utils.Database) -> None:
             key TEXT PRIMARY KEY,
             value TEXT NOT NULL
         );
+        """
+    )
+
+
+@SCHEMA()
+def m002_presence_evidence(db: sqlite_utils.Database) -> None:
+    # Per-antenna read history (passes seen / passes run) for the miss-probability
+    # estimate, and the uncertainty flag of a unit the cabinet could not settle.
+    db.executescript(
+        """
+        ALTER TABLE presence ADD COLUMN history TEXT NOT NULL DEFAULT '{}';
+        ALTER TABLE presence ADD COLUMN uncertain_since TEXT;
+        ALTER TABLE presence ADD COLUMN uncertain_session TEXT;
+        ALTER TABLE presence ADD COLUMN uncertain_user INTEGER;
         """
     )
 
@@ -313,24 +328,54 @@ class Store:
         """EPCs the last committed inventory found inside the cabinet."""
         return {r["epc"] for r in self._q("SELECT epc FROM presence")}
 
-    def set_present(self, epc: str, unit_id: int | None, antennas: list[int], rssi: int) -> None:
+    def presence(self) -> dict[str, dict[str, Any]]:
+        """Every tag inside, with its read history decoded (``{antenna: (seen, passes)}``)."""
+        rows = self._q("SELECT * FROM presence")
+        for r in rows:
+            r["history"] = {int(a): (s, t) for a, (s, t) in json.loads(r["history"]).items()}
+        return {r["epc"]: r for r in rows}
+
+    def set_present(
+        self,
+        epc: str,
+        unit_id: int | None,
+        antennas: list[int],
+        rssi: int,
+        history: dict[int, tuple[int, int]] | None = None,
+    ) -> None:
+        """Record a tag as inside (new, or seen again), clearing any uncertainty."""
         now = utcnow()
         self.db.execute(
             """
-            INSERT INTO presence (epc, unit_id, first_seen, last_seen, antennas, rssi)
-            VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(epc) DO UPDATE SET
+            INSERT INTO presence (epc, unit_id, first_seen, last_seen, antennas, rssi, history)
+            VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(epc) DO UPDATE SET
             last_seen = excluded.last_seen, antennas = excluded.antennas,
-            rssi = excluded.rssi, unit_id = excluded.unit_id
+            rssi = excluded.rssi, unit_id = excluded.unit_id, history = excluded.history,
+            uncertain_since = NULL, uncertain_session = NULL, uncertain_user = NULL
             """,
-            [epc, unit_id, now, now, json.dumps(antennas), rssi],
+            [
+                epc,
+                unit_id,
+                now,
+                now,
+                json.dumps(antennas),
+                rssi,
+                json.dumps({str(a): list(v) for a, v in (history or {}).items()}),
+            ],
         )
 
-    def touch_present(self, epc: str, antennas: list[int], rssi: int) -> None:
-        """A tag that stayed inside was seen again."""
+    def mark_uncertain(self, epc: str, session_id: str | None, user_id: int | None) -> None:
+        """The scan could not tell whether this tag left; keep it inside, flagged."""
         self.db.execute(
-            "UPDATE presence SET last_seen = ?, antennas = ?, rssi = ? WHERE epc = ?",
-            [utcnow(), json.dumps(antennas), rssi, epc],
+            "UPDATE presence SET uncertain_since = ?, uncertain_session = ?, uncertain_user = ? "
+            "WHERE epc = ? AND uncertain_since IS NULL",
+            [utcnow(), session_id, user_id, epc],
         )
+
+    def sessions_opened_since(self, ts: str) -> int:
+        """How many times the door was opened after ``ts``."""
+        row = self._one("SELECT count(*) AS n FROM sessions WHERE opened_at > ?", [ts])
+        return row["n"] if row else 0
 
     def set_absent(self, epc: str) -> None:
         self.db.execute("DELETE FROM presence WHERE epc = ?", [epc])

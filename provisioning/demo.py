@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ from controller.config import (
     CabinetConfig,
     Config,
     GpioConfig,
+    InventoryConfig,
     MqttConfig,
     NfcConfig,
     RfidConfig,
@@ -34,13 +34,15 @@ from controller.config import (
 )
 from controller.store import Store
 from firmware import make_pin_factory
-from readers.nfc import BadgeSimulator
+from readers.nfc import BadgeSimulator, free_udp_port
 from readers.rfid.mercury_sim import MercurySimulator
+from readers.rfid.r2000_sim import R2000Simulator
 from web.sim import create_sim_blueprint
 
 log = logging.getLogger(__name__)
 
 ANTENNAS = 8
+SIMULATORS = {"mercury": MercurySimulator, "r2000": R2000Simulator}
 CARD_HOLD_S = 1.5  # how long a simulated tap holds the badge on the reader
 
 
@@ -107,7 +109,9 @@ def seed_register(store: Store) -> list[str]:
 class SimulatedCabinetHardware:
     """The demo's hardware, driven at its own boundary (see module docstring)."""
 
-    def __init__(self, rfid: MercurySimulator, badge: BadgeSimulator, config: Config) -> None:
+    def __init__(
+        self, rfid: MercurySimulator | R2000Simulator, badge: BadgeSimulator, config: Config
+    ) -> None:
         self.rfid = rfid
         self.badge = badge
         self.gpio = config.gpio
@@ -154,12 +158,6 @@ class SimulatedCabinetHardware:
         }
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _host_port(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -181,26 +179,31 @@ class Demo:
         time_scale: float = 1.0,
         rounds: int = 2,
         dwell_ms: int = 100,
+        protocol: str = "mercury",
         nfc_holdoff_s: float = 1.5,
     ) -> None:
         web_host, web_port = _host_port(http, "http")
         mqtt_host, mqtt_port = _host_port(mqtt, "mqtt") if mqtt else ("127.0.0.1", 1883)
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="smartcab-demo-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.rfid = MercurySimulator(antenna_ports=ANTENNAS, time_scale=time_scale)
+        if protocol not in SIMULATORS:
+            raise ValueError(f"--protocol must be one of {', '.join(SIMULATORS)}, got {protocol!r}")
+        self.rfid = SIMULATORS[protocol](antenna_ports=ANTENNAS, time_scale=time_scale)
         self.rfid.start()
-        nfc_port = free_port(socket.SOCK_DGRAM)
+        # Outside the ephemeral range and not a named service (nfcpy 1.0.4 trips on those).
+        nfc_port = free_udp_port()
         self.badge_sim = BadgeSimulator(nfc_port)
         self.config = Config(
             cabinet=CabinetConfig(site=site, name=name, data_dir=str(self.data_dir)),
             gpio=GpioConfig(pin_factory="mock"),
             nfc=NfcConfig(path=f"udp:localhost:{nfc_port}", holdoff_s=nfc_holdoff_s),
             rfid=RfidConfig(
+                protocol=protocol,
                 port=self.rfid.port,
                 antennas=tuple(range(1, ANTENNAS + 1)),
-                rounds=rounds,
                 dwell_ms=dwell_ms,
             ),
+            inventory=InventoryConfig(min_rounds=rounds, max_rounds=max(rounds, 6)),
             mqtt=MqttConfig(enabled=mqtt is not None, host=mqtt_host, port=mqtt_port),
             web=WebConfig(host=web_host, port=web_port),
         )

@@ -203,7 +203,9 @@ def demo_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     made: list[Demo] = []
 
-    def make(mqtt_port: int | None = None, **kwargs: Any) -> Demo:
+    def make(
+        mqtt_port: int | None = None, setup: Callable[[Demo], None] | None = None, **kwargs: Any
+    ) -> Demo:
         demo = Demo(
             http="127.0.0.1:0",
             mqtt=f"127.0.0.1:{mqtt_port}" if mqtt_port else None,
@@ -213,6 +215,8 @@ def demo_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             **kwargs,
         )
         made.append(demo)
+        if setup:
+            setup(demo)  # e.g. place tags differently before the baseline scan
         demo.start()
         if not demo.wait_idle(30):
             pytest.fail("demo cabinet did not finish its baseline scan")

@@ -72,3 +72,50 @@ def test_set_admin_then_check_config(tmp_path):
     store.close()
     out = smartcab("check-config", "--config", path)
     assert out.returncode == 0 and 'pin_factory = "mock"' in out.stdout
+
+
+def test_demo_options_reach_the_simulated_cabinet(tmp_path):
+    """`smartcab demo` starts with the reader and speed asked for, and serves the page."""
+    import json
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "controller.cli",
+            "demo",
+            "--http",
+            f"127.0.0.1:{port}",
+            "--no-mqtt",
+            "--data-dir",
+            str(tmp_path),
+            "--protocol",
+            "r2000",
+            "--time-scale",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "admin page" in line and "password" in line
+        config = (tmp_path / "smartcab.toml").read_text()
+        assert 'protocol = "r2000"' in config
+        deadline = time.monotonic() + 20
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/state", timeout=5) as r:
+                state = json.loads(r.read())
+            if state["idle"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert state["idle"] and len(state["inside"]) == 25
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0

@@ -31,7 +31,7 @@ def register(store: Store) -> dict:
 def test_schema_is_versioned_and_migrating_twice_is_harmless(store, tmp_path):
     store.migrate()
     applied = store.db.execute("SELECT name FROM _sqlite_migrations").fetchall()
-    assert applied == [("m001_initial",)]
+    assert applied == [("m001_initial",), ("m002_presence_evidence",)]
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     for table in (
         "products",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class BadgeReader:
     ) -> None:
         if not isinstance(path, str) or not path.strip():
             raise ValueError(f"path must be a non-empty nfcpy device path string, got {path!r}")
+        _check_udp_path(path.strip())
         if not callable(on_badge):
             raise TypeError(f"on_badge must be callable, got {on_badge!r}")
         if not _is_finite_number(holdoff_s) or holdoff_s < 0:
@@ -166,10 +168,11 @@ class BadgeReader:
                 # is gone or stopped answering.
                 raise OSError("reader stopped responding (see the nfc.clf log)")
             self._handle_tag(tag)
-            # Switch the field off now (sense() with no targets only mutes) so the pause in
-            # _terminate falls between field-off and the next poll: a card needs field-off
-            # time to reset (ISO 14443: at least 5 ms), and nfcpy's own re-poll would send
-            # RFOFF and the next SENS_REQ back to back.
+            # Switch the field off now (sense() with no targets only mutes), so the pause in
+            # _terminate falls between field-off and the next poll. Otherwise nfcpy's next
+            # sense() sends field-off and the next SENS_REQ back to back, and a card gets no
+            # time to reset (ISO 14443 asks for at least 5 ms; an emulated card on the udp
+            # driver needs the moment to re-arm its listener).
             clf.sense()
 
     def _terminate(self) -> bool:
@@ -200,6 +203,22 @@ class BadgeReader:
         stale = [u for u, seen in self._last_seen.items() if now - seen >= self._holdoff_s]
         for uid in stale:
             del self._last_seen[uid]
+
+
+def _check_udp_path(path: str) -> None:
+    # nfcpy 1.0.4's udp driver turns the port into a service name when /etc/services has
+    # one (e.g. 30865 -> "csync2") and then fails on int(); say so up front rather than
+    # retrying a cryptic error forever.
+    parts = path.split(":")
+    if parts[0] != "udp" or len(parts) < 3 or not parts[2]:
+        return
+    if not parts[2].isdigit() or not 1 <= int(parts[2]) <= 65535:
+        raise ValueError(f"udp path needs a port number 1..65535, got {path!r}")
+    if not socket.getnameinfo(("127.0.0.1", int(parts[2])), socket.NI_NUMERICHOST)[1].isdigit():
+        raise ValueError(
+            f"port {parts[2]} in {path!r} has a service name in /etc/services, which nfcpy's"
+            " udp driver cannot handle; use another port"
+        )
 
 
 def _is_finite_number(value: object) -> bool:

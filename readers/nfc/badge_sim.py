@@ -16,7 +16,15 @@ what the reader sees in between (its frames go nowhere). One simulator per port.
 The card is emulated with nfcpy's low-level card-emulation API, because ``nfc.tag.emulate``
 only covers Type 3: ``clf.listen(LocalTarget("106A", ...))`` lets the udp driver answer the
 anticollision (SENS_REQ, SDD_REQ and SEL_REQ for every cascade level) with the chosen UID and
-return the first real command, which this module answers with ``clf.exchange``.
+return the first real command, which this module answers with ``clf.exchange``:
+
+* ``tt2``: ``READ`` (``30 nn``) returns 16 bytes of a 64-byte memory (UID pages, an NDEF
+  capability container, an empty NDEF message). Every other command goes unanswered, as on a
+  plain Type 2 tag, so nfcpy reports a UID starting with ``04`` as a ``MifareUltralight``.
+* ``tt4a``: RATS gets an ATS, an R(NAK) presence check an R(ACK), any APDU the status word
+  ``6A82`` (no NDEF application), S(DESELECT) its echo.
+
+The card binds ``0.0.0.0``, i.e. every interface (nfcpy's choice): for tests and demos only.
 
 Timing facts to design tests around:
 
@@ -38,8 +46,10 @@ Timing facts to design tests around:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import random
 import socket
 import string
 import threading
@@ -74,10 +84,45 @@ _WAKE_FRAME = b"106A 00"
 
 
 def free_udp_port() -> int:
-    """Return a UDP port that is free on all interfaces right now (for tests)."""
+    """Return a UDP port that is free on all interfaces now, outside the ephemeral range.
+
+    Outside, because the reader side sends every poll from a fresh kernel-chosen ephemeral
+    port: a simulator port inside that range is now and then taken, for up to one poll, by
+    a reader's own socket.
+    """
+    low, high = _ephemeral_port_range()
+    candidates = list(range(20000, low)) if low > 21000 else list(range(high + 1, 65536))
+    for port in random.sample(candidates, min(50, len(candidates))):
+        if not nfcpy_udp_port_ok(port):
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("0.0.0.0", 0))
+        probe.bind(("0.0.0.0", 0))  # crowded host: settle for any free port
         return probe.getsockname()[1]
+
+
+def nfcpy_udp_port_ok(port: int) -> bool:
+    """True if nfcpy's udp driver can use ``port``.
+
+    nfcpy 1.0.4 turns the port back into text with ``getnameinfo`` without
+    ``NI_NUMERICSERV`` and then calls ``int()`` on it, so any port that has a service name
+    in ``/etc/services`` (e.g. 30865 "csync2") makes opening the frontend fail.
+    """
+    return socket.getnameinfo(("127.0.0.1", port), socket.NI_NUMERICHOST)[1].isdigit()
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux default
 
 
 def parse_uid(uid: str) -> bytes:
@@ -118,6 +163,11 @@ class BadgeSimulator:
     def __init__(self, port: int, host: str = "localhost") -> None:
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise ValueError(f"port must be an integer 1..65535, got {port!r}")
+        if not nfcpy_udp_port_ok(port):
+            raise ValueError(
+                f"port {port} has a service name in /etc/services, which nfcpy's udp driver"
+                " cannot handle; pick another (free_udp_port() does)"
+            )
         if not isinstance(host, str) or not host.strip() or ":" in host:
             raise ValueError(f"host must be a host name or IPv4 address, got {host!r}")
         try:
@@ -203,13 +253,22 @@ class BadgeSimulator:
     # -- card thread -----------------------------------------------------------------------
 
     def _check_port_free(self) -> None:
-        # Early, synchronous check so a clash is an exception, not a silent card. (nfcpy's
-        # listen() only logs a failed bind and returns None.)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind(("0.0.0.0", self._port))
-            except OSError as exc:
-                raise RuntimeError(f"cannot present a card: UDP port {self._port}: {exc}") from exc
+        # Early, synchronous check so a clash is an exception, not a silent card (nfcpy's
+        # listen() only logs a failed bind and returns None). EADDRINUSE is retried for a
+        # little over one udp poll, as a reader's short-lived send socket may hold the port
+        # when it lies in the ephemeral range (nfcpy's default 54321 does).
+        give_up = time.monotonic() + 1.2
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                try:
+                    probe.bind(("0.0.0.0", self._port))
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or time.monotonic() >= give_up:
+                        raise RuntimeError(
+                            f"cannot present a card: UDP port {self._port}: {exc}"
+                        ) from exc
+            time.sleep(0.05)
 
     def _run(self, pres: _Presentation) -> None:
         clf = None

@@ -77,6 +77,8 @@ class InventoryResult:
     antenna_errors: dict[int, str] = field(default_factory=dict)
     rounds: int = 0
     duration_s: float = 0.0
+    # antenna port -> reads it made in this inventory (all tags), for antenna health
+    antenna_reads: dict[int, int] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -116,11 +118,22 @@ class RfidReader(abc.ABC):
         """Set region, Gen2 session, read power and the antennas to use."""
 
     @abc.abstractmethod
-    def inventory(self, rounds: int, dwell_ms: int) -> InventoryResult:
-        """Run ``rounds`` passes over every configured antenna, ``dwell_ms`` each.
+    def inventory(
+        self,
+        rounds: int,
+        dwell_ms: int,
+        *,
+        antennas: Sequence[int] | None = None,
+        target: str = "AB",
+    ) -> InventoryResult:
+        """Run ``rounds`` passes over the antennas, ``dwell_ms`` on each.
 
-        Tags from all rounds are merged. An antenna that fails is listed in
-        ``antenna_errors`` and the others are still read; a dead link raises
+        ``antennas`` narrows the pass to some configured ports (a targeted
+        re-check); None means every configured antenna. ``target`` is the Gen2
+        inventoried flag the reader queries: "A", "B", or "AB" (flip A/B between
+        rounds, so a tag whose flag a previous round set is not hidden from the
+        next). Tags from all rounds are merged. An antenna that fails is listed
+        in ``antenna_errors`` and the others are still read; a dead link raises
         ReaderError.
         """
 

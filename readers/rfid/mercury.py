@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import serial
@@ -41,11 +41,13 @@ from .base import (
 
 __all__ = [
     "ANTENNA_STATUSES",
+    "INVENTORY_METADATA",
     "MAX_COMMAND_DATA",
     "MAX_REPLY_DATA",
     "MODELS",
     "REGIONS",
     "STATUS_MESSAGES",
+    "TARGET_CODES",
     "Frame",
     "FrameParser",
     "MercuryReader",
@@ -74,6 +76,7 @@ OP_SET_ANTENNA = 0x91
 OP_SET_READ_POWER = 0x92
 OP_SET_PROTOCOL = 0x93
 OP_SET_REGION = 0x97
+OP_SET_READER_CONFIG = 0x9A
 OP_SET_PROTOCOL_PARAM = 0x9B
 
 HEADER = 0xFF
@@ -174,8 +177,14 @@ GEN2_PROTOCOL = 0x0005
 # Read Tag Multiple search flags: 0x0003 = use the configured antenna search
 # list, 0x0010 = large tag population (tag count is a u32).
 SEARCH_FLAGS = 0x0013
-# Tag-buffer metadata we ask for: read count, RSSI, antenna.
-INVENTORY_METADATA = 0x0007
+# Tag-buffer metadata we ask for: read count, RSSI, antenna, frequency.
+INVENTORY_METADATA = 0x000F
+# Gen2 target (0x9B 05 01 value u16): single A or B, or the module-side toggle
+# ("AB": search A, switch to B when no more A answer, and back; "BA" starts at B).
+TARGET_CODES: dict[str, int] = {"A": 0x0100, "B": 0x0101, "AB": 0x0000, "BA": 0x0001}
+# Reader configuration (0x9A 01 key value): GPO lines that drive the antenna mux.
+CONFIG_ANTENNA_CONTROL_GPIO = 0x03
+MUX_BOTH_GPOS = 3  # GPO1 + GPO2: 4 physical ports x 4 = 16 logical ports
 
 
 def status_text(status: int) -> str:
@@ -590,7 +599,18 @@ class MercuryReader(RfidReader):
     """Driver for a Mercury (M6e-family) module on a serial port.
 
     ``antenna_ports`` overrides the port count implied by the model (for
-    clones or boards with fewer muxed ports wired).
+    clones or boards with fewer muxed ports wired). ``q`` sets a static Gen2
+    Q at configure() (None leaves the module's dynamic Q). ``mux_gpio`` is the
+    antenna-control GPIO setting sent when a port above 4 is used (3 = GPO1 +
+    GPO2, 16 ports; boards wired to one GPO use 1 or 2).
+
+    Gen2 target, as :meth:`inventory` uses it: ``"A"`` and ``"B"`` are single
+    targets (a tag answers once, then its session flag flips and it stays quiet
+    until the flag decays or the target flips; at S2/S3 a tag read on one
+    antenna is not read again on the next antenna of the same pass). ``"AB"``
+    is the module's toggle (0x9B 01 0000): within each antenna step it searches
+    A, switches to B when no more A tags answer and back, so every tag is read
+    on every antenna that sees it whatever state earlier inventories left it in.
     """
 
     def __init__(
@@ -601,22 +621,35 @@ class MercuryReader(RfidReader):
         serial_factory: SerialFactory = serial.serial_for_url,
         *,
         antenna_ports: int | None = None,
+        q: int | None = None,
+        mux_gpio: int = MUX_BOTH_GPOS,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if antenna_ports is not None and not 1 <= antenna_ports <= 16:
             raise ValueError(f"antenna_ports must be 1..16, got {antenna_ports}")
+        if q is not None and not 0 <= q <= 15:
+            raise ValueError(f"Gen2 Q must be 0..15, got {q}")
+        if mux_gpio not in (1, 2, 3):
+            raise ValueError(f"mux_gpio must be 1, 2 or 3, got {mux_gpio}")
         self.port = port
         self.baudrate = baudrate
         self.timeout_s = timeout_s
         self._serial_factory = serial_factory
         self._antenna_override = antenna_ports
+        self._q = q
+        self._mux_gpio = mux_gpio
         self._serial: Any = None
         self._parser = FrameParser(replies=True)
         self._lock = threading.RLock()
         self._info: ReaderInfo | None = None
         self._antennas: list[int] = []
         self._closed_reason = ""
+        self._target: int | None = None  # target code last set on the module
+        self._session = 0
+        self._mux_set = False
+        # Every tag-buffer record of the last inventory (frequency, timestamps: diagnostics).
+        self.last_records: list[TagRecord] = []
 
     # ------------------------------------------------------------ public API
 
@@ -648,6 +681,7 @@ class MercuryReader(RfidReader):
                 self._serial = None
                 raise ReaderError(f"cannot open serial port {self.port!r}: {exc}") from exc
             self._closed_reason = ""
+            self._forget_settings()
             try:
                 self._write(_WAKE_PREAMBLE, "wake-up")
                 # Clones without 0x0C answer "invalid opcode": then assume the app runs.
@@ -667,6 +701,7 @@ class MercuryReader(RfidReader):
         with self._lock:
             ser, self._serial = self._serial, None
             self._info = None
+            self._forget_settings()
             if ser is not None:
                 try:
                     ser.close()
@@ -680,71 +715,115 @@ class MercuryReader(RfidReader):
         region: str,
         session: int,
     ) -> None:
-        """Select Gen2, the region, read power, session (target A/B toggle) and antennas."""
+        """Select Gen2, the region, read power, session, target AB and the antennas.
+
+        Ports above 4 switch on the antenna mux (0x9A 01 03 ``mux_gpio``) first.
+        """
         with self._lock:
             info = self._require_open()
-            ports = list(antennas)
-            if not ports:
-                raise ValueError("antennas must list at least one port")
-            for p in ports:
-                if not isinstance(p, int) or not 1 <= p <= info.antenna_ports:
-                    raise ValueError(
-                        f"antenna {p!r} is not a port of this {info.model} "
-                        f"(1..{info.antenna_ports})"
-                    )
-            if len(set(ports)) != len(ports):
-                raise ValueError(f"antennas {ports} lists a port twice")
+            ports = self._check_ports(antennas, info)
             code = REGIONS.get(str(region).upper())
             if code is None:
                 raise ValueError(f"unknown region {region!r}; known: {', '.join(REGIONS)}")
             if session not in (0, 1, 2, 3):
                 raise ValueError(f"Gen2 session must be 0..3, got {session!r}")
-            centi = round(float(power_dbm) * 100)
-            if not -32768 <= centi <= 32767:
-                raise ValueError(f"power {power_dbm} dBm is outside what the protocol can encode")
+            centi = self._centi_dbm(power_dbm)
 
+            self._antennas = []
             self._command(OP_SET_PROTOCOL, GEN2_PROTOCOL.to_bytes(2, "big"))
             self._command(OP_SET_REGION, bytes([code]))
             self._command(OP_SET_READ_POWER, centi.to_bytes(2, "big", signed=True))
+            self._ensure_mux(ports)
             self._command(OP_SET_PROTOCOL_PARAM, bytes([0x05, 0x00, session]))
-            # Target AB: search A, toggle to B when A is exhausted, so tags left
-            # in B by an earlier inventory (S2/S3 persistence) are still found.
-            self._command(OP_SET_PROTOCOL_PARAM, bytes([0x05, 0x01, 0x00, 0x00]))
+            self._set_target("AB")
+            if self._q is not None:
+                self._command(OP_SET_PROTOCOL_PARAM, bytes([0x05, 0x12, 0x01, self._q]))
+            self._session = session
             self._antennas = ports
 
-    def inventory(self, rounds: int, dwell_ms: int) -> InventoryResult:
-        """Read each configured antenna in turn, ``dwell_ms`` each, ``rounds`` times.
+    def set_q(self, q: int | None) -> None:
+        """Gen2 Q: a static 0..15, or None for the module's dynamic Q (0x9B 05 12)."""
+        if q is not None and not 0 <= q <= 15:
+            raise ValueError(f"Gen2 Q must be 0..15, got {q}")
+        with self._lock:
+            self._require_open()
+            value = b"\x00" if q is None else bytes([0x01, q])
+            self._command(OP_SET_PROTOCOL_PARAM, bytes([0x05, 0x12]) + value)
+            self._q = q
 
-        Each antenna step runs Set Search List, Clear Buffer, Read Tag Multiple
-        and Get Tag Buffer until every counted record is fetched. A corrupted
-        or truncated reply (FrameError) retries that antenna step once; a
-        timeout or a dead link raises.
+    def set_port_power(
+        self, power_dbm: Mapping[int, float], settling_us: int | Mapping[int, int] = 0
+    ) -> None:
+        """Per-port read power and settling time after switching (0x91 04 form).
+
+        The write power of each port is set to the same value (the cabinet never
+        writes tags). Settling time is in microseconds, 0..65535.
+        """
+        with self._lock:
+            info = self._require_open()
+            ports = self._check_ports(list(power_dbm), info)
+            body = bytearray([0x04])
+            for port in ports:
+                centi = self._centi_dbm(power_dbm[port])
+                settle = settling_us if isinstance(settling_us, int) else settling_us.get(port, 0)
+                if not 0 <= settle <= 0xFFFF:
+                    raise ValueError(f"settling time of port {port} must be 0..65535 us")
+                word = centi.to_bytes(2, "big", signed=True)
+                body += bytes([port]) + word + word + settle.to_bytes(2, "big")
+            if len(body) > MAX_COMMAND_DATA:
+                raise ValueError(f"too many ports for one command ({len(ports)})")
+            self._ensure_mux(ports)
+            self._command(OP_SET_ANTENNA, bytes(body))
+
+    def inventory(
+        self,
+        rounds: int,
+        dwell_ms: int,
+        *,
+        antennas: Sequence[int] | None = None,
+        target: str = "AB",
+    ) -> InventoryResult:
+        """Read each antenna in turn, ``dwell_ms`` each, ``rounds`` times.
+
+        ``antennas`` (a subset of the configured ports, in the order given)
+        narrows the pass; ``target`` is "A", "B" or "AB" (see the class
+        docstring). Each antenna step runs Set Search List, Clear Buffer, Read
+        Tag Multiple and Get Tag Buffer until every counted record is fetched.
+        A corrupted or truncated reply (FrameError) redoes that antenna step
+        once, keeping the records already fetched; with a single target in
+        S1-S3 the redo searches the opposite target, because the tags read by
+        the failed attempt have flipped their flags. A timeout or a dead link
+        raises.
         """
         if not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
         if not isinstance(dwell_ms, int) or not 1 <= dwell_ms <= 0xFFFF:
             raise ValueError(f"dwell_ms must be 1..65535, got {dwell_ms!r}")
+        target = str(target).upper()
+        if target not in ("A", "B", "AB"):
+            raise ValueError(f"target must be 'A', 'B' or 'AB', got {target!r}")
         with self._lock:
             self._require_open()
             if not self._antennas:
                 raise ReaderError("configure() the reader before running an inventory")
+            ports = self._select(antennas)
             started = time.monotonic()
             result = InventoryResult()
+            self.last_records = []
             for _ in range(rounds):
-                for port in self._antennas:
-                    try:
-                        reads = self._read_antenna(port, dwell_ms)
-                    except FrameError:
-                        reads = self._read_antenna(port, dwell_ms)
+                for port in ports:
+                    reads = self._antenna_step(port, dwell_ms, target)
                     if isinstance(reads, str):
                         result.antenna_errors[port] = reads
                         continue
+                    self.last_records.extend(reads)
                     for rec in reads:
                         antenna = rec.antenna if rec.antenna is not None else port
                         report = result.tags.setdefault(rec.epc_hex, TagReport(rec.epc_hex))
                         count = rec.read_count if rec.read_count is not None else 1
                         rssi = rec.rssi if rec.rssi is not None else -128
                         report.add(antenna, count, rssi)
+                        result.antenna_reads[antenna] = result.antenna_reads.get(antenna, 0) + count
                 result.rounds += 1
             result.duration_s = time.monotonic() - started
             return result
@@ -767,22 +846,107 @@ class MercuryReader(RfidReader):
             ports = self._antenna_override
         return ReaderInfo(protocol="mercury", model=model, firmware=firmware, antenna_ports=ports)
 
-    def _read_antenna(self, port: int, dwell_ms: int) -> list[TagRecord] | str:
-        """All buffer records for one antenna, or a string saying why it failed."""
+    def _forget_settings(self) -> None:
+        """The module's settings are unknown (new link, reboot)."""
+        self._antennas = []
+        self._target = None
+        self._mux_set = False
+
+    def _check_ports(self, antennas: Sequence[int], info: ReaderInfo) -> list[int]:
+        ports = list(antennas)
+        if not ports:
+            raise ValueError("antennas must list at least one port")
+        for p in ports:
+            if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= info.antenna_ports:
+                raise ValueError(
+                    f"antenna {p!r} is not a port of this {info.model} (1..{info.antenna_ports})"
+                )
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"antennas {ports} lists a port twice")
+        return ports
+
+    def _select(self, antennas: Sequence[int] | None) -> list[int]:
+        if antennas is None:
+            return list(self._antennas)
+        ports = list(antennas)
+        if not ports:
+            raise ValueError("antennas must list at least one port (or be None for all)")
+        unknown = [p for p in ports if p not in self._antennas]
+        if unknown:
+            raise ValueError(
+                f"antennas {unknown} are not configured (configured: {self._antennas})"
+            )
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"antennas {ports} lists a port twice")
+        return ports
+
+    @staticmethod
+    def _centi_dbm(power_dbm: float) -> int:
+        centi = round(float(power_dbm) * 100)
+        if not -32768 <= centi <= 32767:
+            raise ValueError(f"power {power_dbm} dBm is outside what the protocol can encode")
+        return centi
+
+    def _ensure_mux(self, ports: Sequence[int]) -> None:
+        if max(ports) > 4 and not self._mux_set:
+            self._command(
+                OP_SET_READER_CONFIG, bytes([0x01, CONFIG_ANTENNA_CONTROL_GPIO, self._mux_gpio])
+            )
+            self._mux_set = True
+
+    def _set_target(self, target: str) -> None:
+        code = TARGET_CODES[target]
+        if self._target != code:
+            self._command(OP_SET_PROTOCOL_PARAM, bytes([0x05, 0x01]) + code.to_bytes(2, "big"))
+            self._target = code
+
+    def _antenna_step(self, port: int, dwell_ms: int, target: str) -> list[TagRecord] | str:
+        """One antenna's records (retried once on a FrameError), or why it failed."""
+        fetched: list[TagRecord] = []
+        try:
+            return self._read_antenna(port, dwell_ms, target, fetched)
+        except FrameError:
+            # S0 flags reset when the RF comes back on; S1-S3 flags of the tags the
+            # failed attempt read have flipped, so only the opposite target finds them.
+            retry = {"A": "B", "B": "A"}.get(target, target) if self._session else target
+            again = self._read_antenna(port, dwell_ms, retry, [])
+        if isinstance(again, str):
+            return again
+        # Records fetched before the failure are good; a tag in both keeps its best values.
+        merged: dict[tuple[bytes, int | None], TagRecord] = {}
+        for rec in fetched + again:
+            key = (rec.epc, rec.antenna_byte)
+            old = merged.get(key)
+            if old is None:
+                merged[key] = rec
+            else:
+                merged[key] = replace(
+                    old,
+                    read_count=max(old.read_count or 0, rec.read_count or 0),
+                    rssi=max(old.rssi if old.rssi is not None else -128, rec.rssi or -128),
+                )
+        return list(merged.values())
+
+    def _read_antenna(
+        self, port: int, dwell_ms: int, target: str, records: list[TagRecord]
+    ) -> list[TagRecord] | str:
+        """All buffer records for one antenna (appended to ``records`` as they come),
+        or a string saying why the antenna failed."""
         self._command(OP_SET_ANTENNA, bytes([0x02, port, port]))
+        self._set_target(target)
         self._command(OP_CLEAR_TAG_BUFFER)
         request = bytes([0x00]) + SEARCH_FLAGS.to_bytes(2, "big") + dwell_ms.to_bytes(2, "big")
         reply = self._command(
             OP_READ_TAG_MULTIPLE, request, extra_wait_s=dwell_ms / 1000, check=False
         )
         if reply.status == STATUS_NO_TAGS:
-            return []
+            return records
         if reply.status in ANTENNA_STATUSES:
             return f"antenna {port} {ANTENNA_STATUSES[reply.status]}"
         self._check_status(reply)
         expected = self._tag_count(reply.data)
-        records: list[TagRecord] = []
-        while len(records) < expected:
+        fetched = 0
+        while fetched < expected:
             chunk = parse_tag_buffer(
                 self._command(
                     OP_GET_TAG_BUFFER, INVENTORY_METADATA.to_bytes(2, "big") + b"\x00"
@@ -792,9 +956,10 @@ class MercuryReader(RfidReader):
             if not chunk:
                 raise ReaderError(
                     f"reader reported {expected} tags on antenna {port} but the tag buffer "
-                    f"ran dry after {len(records)}"
+                    f"ran dry after {fetched}"
                 )
             records.extend(chunk)
+            fetched += len(chunk)
         return records
 
     @staticmethod
@@ -881,7 +1046,7 @@ class MercuryReader(RfidReader):
                         self._check_status(frame)
                     return frame
                 if frame.opcode == OP_BOOT_FIRMWARE and not allow_boot:
-                    self._antennas = []
+                    self._forget_settings()
                     raise ReaderError(
                         f"reader rebooted (boot reply 0x04 while waiting for the reply to "
                         f"{what}); configure() it again"
