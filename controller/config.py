@@ -149,7 +149,7 @@ class InventoryConfig:
     max_rounds: int = 6  # hard limit on passes in the main scan
     quiet_rounds: int = 1  # stop after this many passes that found no new tag
     time_cap_s: float = 15.0  # the main scan stops here whatever it has found
-    reverify_rounds: int = 8  # extra targeted passes for a tag that went missing
+    reverify_rounds: int = 12  # extra targeted passes for a tag that went missing
     reverify_dwell_ms: int = 300
     # A missing unit is reported taken only when the chance that it is still inside
     # but was not read is below this; otherwise it is reported uncertain.

@@ -2,11 +2,11 @@
 
 A scan has three steps:
 
-1. **Main rounds.** Passes over every antenna, flipping the Gen2 target A/B
-   between passes so a tag read in one pass (its session flag now flipped) is
-   queried again in the next. The scan stops after ``min_rounds`` once
-   ``quiet_rounds`` passes in a row found no new tag, or at ``max_rounds`` /
-   ``time_cap_s``.
+1. **Main rounds.** Passes over every antenna with the Gen2 dual target (A then
+   B within each antenna step), so a tag answers whatever state its session
+   flag is in and every pass is an independent chance to read it. The scan
+   stops after ``min_rounds`` once ``quiet_rounds`` passes in a row found no
+   new tag, or at ``max_rounds`` / ``time_cap_s``.
 2. **Re-verification.** A tag that was inside before and is not seen now is
    looked for again with targeted passes on the antennas that usually see it,
    with a longer dwell, until the chance that it is inside but unread falls
@@ -205,10 +205,13 @@ class Inventory:
         scan.duration_s = time.monotonic() - started
         return scan
 
-    def _pass(self, scan: Scan, dwell_ms: int, antennas: list[int] | None, n: int) -> int:
+    def _pass(self, scan: Scan, dwell_ms: int, antennas: list[int] | None) -> int:
         """One pass; merges it into ``scan`` and returns how many new tags it accepted."""
-        target = "A" if n % 2 == 0 else "B"
-        result = self.reader.inventory(1, dwell_ms, antennas=antennas, target=target)
+        # Dual target on every pass: a tag answers whatever state its session flag
+        # was left in, so each pass is an independent chance to read it. With single
+        # targets a missed tag keeps its flag and hides from the next pass too, which
+        # correlates misses and would make the read-rate estimate lie.
+        result = self.reader.inventory(1, dwell_ms, antennas=antennas, target="AB")
         return self._merge(scan, result, antennas or list(self.config.antennas))
 
     def _main_rounds(self, scan: Scan, started: float) -> None:
@@ -218,7 +221,7 @@ class Inventory:
             if n and time.monotonic() - started > p.time_cap_s:
                 scan.faults.append(f"time cap {p.time_cap_s} s reached after {n} passes")
                 break
-            new = self._pass(scan, self.config.dwell_ms, None, n)
+            new = self._pass(scan, self.config.dwell_ms, None)
             scan.rounds += 1
             quiet = quiet + 1 if new == 0 and n else 0
             if scan.rounds >= p.min_rounds and quiet >= p.quiet_rounds:
@@ -226,7 +229,7 @@ class Inventory:
 
     def _reverify(self, scan: Scan, expected: Mapping[str, TagHistory]) -> None:
         p = self.policy
-        for n in range(p.reverify_rounds):
+        for _ in range(p.reverify_rounds):
             doubtful = [
                 epc
                 for epc in expected
@@ -241,7 +244,7 @@ class Inventory:
             targets = sorted(set().union(*(homes(expected[e]) for e in doubtful)) & set(healthy))
             if not targets:
                 return  # nothing useful left to look with
-            self._pass(scan, p.reverify_dwell_ms, targets, scan.rounds + n)
+            self._pass(scan, p.reverify_dwell_ms, targets)
             scan.reverify_rounds += 1
 
     def _merge(self, scan: Scan, result: InventoryResult, antennas: list[int]) -> int:

@@ -27,9 +27,13 @@ def assert_gap_free(events: list[dict]) -> None:
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
 
 
-def test_transaction_reaches_erp_with_the_right_people(broker, collector_factory, demo_factory):
+@pytest.mark.parametrize("protocol", ["mercury", "r2000"])
+def test_transaction_reaches_erp_with_the_right_people(
+    broker, collector_factory, demo_factory, protocol
+):
     erp = collector_factory(broker.port, "smartcab/+/+/events")
-    demo = demo_factory(broker.port)
+    demo = demo_factory(broker.port, protocol=protocol)
+    assert demo.app.inventory.model  # the driver identified the simulated reader
     session(demo, BOB, remove=["M-0007"])
     session(demo, ALICE, remove=["D-0042", "D-0043"], add=["M-0007"])
     wait_until(
