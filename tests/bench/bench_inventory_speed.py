@@ -81,7 +81,7 @@ def run(
         antenna_ports=8,
         seed=args.seed,
         tags=[TagSpec(e, links(rng, args.p)) for e in units],
-        timing=Timing(tags_per_second=RATE),
+        timing=Timing(tags_per_second=RATE, baudrate=args.baud),
     )
     sim = start_simulator(args.protocol, scenario)
     inv = Inventory(make_reader(args.protocol, sim), rfid, policy)
@@ -155,7 +155,10 @@ def show(name: str, args: argparse.Namespace, samples: list[Sample]) -> None:
 
     bound = args.tags / RATE
     sim_s = mean("sim_s")
-    print(f"[{name}] {args.protocol}, {args.tags} tags, p={args.p}, {len(samples)} scans")
+    print(
+        f"[{name}] {args.protocol}, {args.tags} tags, p={args.p}, {args.baud} Bd, "
+        f"{len(samples)} scans"
+    )
     print(
         f"  scan simulated s: mean={sim_s:.2f} max={max(s.sim_s for s in samples):.2f}; "
         f"air-time bound {bound:.2f} s; ratio={sim_s / bound:.2f}x"
@@ -186,6 +189,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="scans that build history first")
     ap.add_argument("--gap-s", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--baud", type=int, default=115200, help="simulated serial link speed")
     args = ap.parse_args()
     per_antenna = args.tags * 2 / len(ANTENNAS)  # about 2 antennas per tag
     tuned_dwell = int(per_antenna / RATE * 1000 / 2)  # half an antenna's population per visit
