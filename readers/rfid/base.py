@@ -96,6 +96,36 @@ class ReaderInfo:
     antenna_ports: int
 
 
+def check_ports(antennas: Sequence[int], info: ReaderInfo) -> list[int]:
+    """Validate the antennas to configure: ports of this reader, each listed once."""
+    ports = list(antennas)
+    if not ports:
+        raise ValueError("antennas must list at least one port")
+    for p in ports:
+        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= info.antenna_ports:
+            raise ValueError(
+                f"antenna {p!r} is not a port of this {info.model} (1..{info.antenna_ports})"
+            )
+    if len(set(ports)) != len(ports):
+        raise ValueError(f"antennas {ports} lists a port twice")
+    return ports
+
+
+def select_antennas(requested: Sequence[int] | None, configured: Sequence[int]) -> list[int]:
+    """The antennas for one inventory: all configured ones, or a subset of them."""
+    if requested is None:
+        return list(configured)
+    ports = list(requested)
+    if not ports:
+        raise ValueError("antennas must list at least one port (or be None for all)")
+    unknown = [p for p in ports if p not in configured]
+    if unknown:
+        raise ValueError(f"antennas {unknown} are not configured (configured: {list(configured)})")
+    if len(set(ports)) != len(ports):
+        raise ValueError(f"antennas {ports} lists a port twice")
+    return ports
+
+
 class RfidReader(abc.ABC):
     """A UHF reader with several antenna ports behind one serial link."""
 

@@ -37,6 +37,8 @@ from .base import (
     ReaderTimeout,
     RfidReader,
     TagReport,
+    check_ports,
+    select_antennas,
 )
 
 __all__ = [
@@ -721,7 +723,7 @@ class MercuryReader(RfidReader):
         """
         with self._lock:
             info = self._require_open()
-            ports = self._check_ports(antennas, info)
+            ports = check_ports(antennas, info)
             code = REGIONS.get(str(region).upper())
             if code is None:
                 raise ValueError(f"unknown region {region!r}; known: {', '.join(REGIONS)}")
@@ -761,7 +763,7 @@ class MercuryReader(RfidReader):
         """
         with self._lock:
             info = self._require_open()
-            ports = self._check_ports(list(power_dbm), info)
+            ports = check_ports(list(power_dbm), info)
             body = bytearray([0x04])
             for port in ports:
                 centi = self._centi_dbm(power_dbm[port])
@@ -806,7 +808,7 @@ class MercuryReader(RfidReader):
             self._require_open()
             if not self._antennas:
                 raise ReaderError("configure() the reader before running an inventory")
-            ports = self._select(antennas)
+            ports = select_antennas(antennas, self._antennas)
             started = time.monotonic()
             result = InventoryResult()
             self.last_records = []
@@ -851,34 +853,6 @@ class MercuryReader(RfidReader):
         self._antennas = []
         self._target = None
         self._mux_set = False
-
-    def _check_ports(self, antennas: Sequence[int], info: ReaderInfo) -> list[int]:
-        ports = list(antennas)
-        if not ports:
-            raise ValueError("antennas must list at least one port")
-        for p in ports:
-            if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= info.antenna_ports:
-                raise ValueError(
-                    f"antenna {p!r} is not a port of this {info.model} (1..{info.antenna_ports})"
-                )
-        if len(set(ports)) != len(ports):
-            raise ValueError(f"antennas {ports} lists a port twice")
-        return ports
-
-    def _select(self, antennas: Sequence[int] | None) -> list[int]:
-        if antennas is None:
-            return list(self._antennas)
-        ports = list(antennas)
-        if not ports:
-            raise ValueError("antennas must list at least one port (or be None for all)")
-        unknown = [p for p in ports if p not in self._antennas]
-        if unknown:
-            raise ValueError(
-                f"antennas {unknown} are not configured (configured: {self._antennas})"
-            )
-        if len(set(ports)) != len(ports):
-            raise ValueError(f"antennas {ports} lists a port twice")
-        return ports
 
     @staticmethod
     def _centi_dbm(power_dbm: float) -> int:

@@ -48,6 +48,8 @@ from .base import (
     ReaderTimeout,
     RfidReader,
     TagReport,
+    check_ports,
+    select_antennas,
 )
 
 __all__ = [
@@ -547,7 +549,7 @@ class R2000Reader(RfidReader):
         the session and antennas. In 16-port mode the antenna group is set to 0."""
         with self._lock:
             info = self._require_open()
-            ports = self._check_ports(antennas, info)
+            ports = check_ports(antennas, info)
             key = str(region).upper()
             if key not in R2000_REGIONS:
                 raise ValueError(f"unknown region {region!r}; known: {', '.join(R2000_REGIONS)}")
@@ -613,7 +615,7 @@ class R2000Reader(RfidReader):
             self._require_open()
             if not self._antennas:
                 raise ReaderError("configure() the reader before running an inventory")
-            ports = self._select(antennas)
+            ports = select_antennas(antennas, self._antennas)
             started = time.monotonic()
             result = InventoryResult()
             for _ in range(rounds):
@@ -817,34 +819,6 @@ class R2000Reader(RfidReader):
             why = f" (link failed: {self._closed_reason})" if self._closed_reason else ""
             raise ReaderError(f"reader on {self.port!r} is not open{why}")
         return self._info
-
-    def _check_ports(self, antennas: Sequence[int], info: ReaderInfo) -> list[int]:
-        ports = list(antennas)
-        if not ports:
-            raise ValueError("antennas must list at least one port")
-        for p in ports:
-            if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= info.antenna_ports:
-                raise ValueError(
-                    f"antenna {p!r} is not a port of this reader (1..{info.antenna_ports})"
-                )
-        if len(set(ports)) != len(ports):
-            raise ValueError(f"antennas {ports} lists a port twice")
-        return ports
-
-    def _select(self, antennas: Sequence[int] | None) -> list[int]:
-        if antennas is None:
-            return list(self._antennas)
-        ports = list(antennas)
-        if not ports:
-            raise ValueError("antennas must list at least one port (or be None for all)")
-        unknown = [p for p in ports if p not in self._antennas]
-        if unknown:
-            raise ValueError(
-                f"antennas {unknown} are not configured (configured: {self._antennas})"
-            )
-        if len(set(ports)) != len(ports):
-            raise ValueError(f"antennas {ports} lists a port twice")
-        return ports
 
     @staticmethod
     def _power_byte(power_dbm: float) -> int:
