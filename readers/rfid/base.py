@@ -160,11 +160,13 @@ class RfidReader(abc.ABC):
 
         ``antennas`` narrows the pass to some configured ports (a targeted
         re-check); None means every configured antenna. ``target`` is the Gen2
-        inventoried flag the reader queries: "A", "B", or "AB" (flip A/B between
-        rounds, so a tag whose flag a previous round set is not hidden from the
-        next). Tags from all rounds are merged. An antenna that fails is listed
-        in ``antenna_errors`` and the others are still read; a dead link raises
-        ReaderError.
+        inventoried flag the reader queries: "A" or "B" (a tag answers once, on
+        the first antenna that reaches it, then its flag flips), or "AB" (both
+        targets within each antenna step, so every tag answers on every antenna
+        that sees it whatever state its flag was left in; Mercury toggles inside
+        the step, R2000 session mode runs A then B). Tags from all rounds are
+        merged. An antenna that fails is listed in ``antenna_errors`` and the
+        others are still read; a dead link raises ReaderError.
         """
 
     def __enter__(self) -> RfidReader:
