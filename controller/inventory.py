@@ -16,9 +16,10 @@ A scan has three steps:
    the cabinet says so and looks again later instead of blaming a person), or
    ``withheld`` (the reader failed: nothing is concluded from the scan).
 
-The chance that a present tag is missed is estimated from its own history: per
-antenna, the fraction of passes in which it was read (``TagHistory``), with a
-Jeffreys prior so a short history is not over-trusted. Reads below an
+The chance that a present tag is missed is estimated from its own history per
+antenna (``TagHistory``) as a Beta posterior predictive, with a prior taken from
+how well that antenna reads the other tags it usually sees, so a short history
+is neither over-trusted nor useless. Reads below an
 antenna's RSSI floor, or tags with fewer than ``min_reads`` reads, are strays
 (a tool held just outside the door) and never count as inside. An antenna the
 reader reports as failed, or whose sentinel tag is not seen, is degraded: its
@@ -108,17 +109,58 @@ def diff(before: set[str], seen: set[str]) -> tuple[set[str], set[str]]:
 
 
 def read_probability(history: TagHistory, antenna: int) -> float:
-    """Estimated chance that one pass on ``antenna`` reads the tag."""
+    """Estimated chance that one pass on ``antenna`` reads the tag (posterior mean)."""
     s, t = history.get(antenna, (0, 0))
     return (s + 0.5) / (t + 1.0)
 
 
-def miss_probability(history: TagHistory, passes: Mapping[int, int]) -> float:
-    """Chance that a tag still inside went unread through ``passes``."""
+# antenna -> Beta prior (a, b) of a tag's per-pass read rate on that antenna
+Prior = dict[int, tuple[float, float]]
+JEFFREYS = (0.5, 0.5)
+PRIOR_STRENGTH = 10.0  # the population's read rate counts as this many passes of evidence
+
+
+def population_prior(histories: Mapping[str, TagHistory]) -> Prior:
+    """Per antenna, how well it reads the tags it usually sees, as a Beta prior.
+
+    A tag seen in 2 of 2 passes says little on its own; that its antenna reads
+    its neighbours in 99 % of passes says a lot. Borrowing that strength lets a
+    new tag be judged sooner without trusting its own short history too much.
+    """
+    reads: dict[int, list[int]] = {}
+    for history in histories.values():
+        for antenna in homes(history):
+            s, t = history[antenna]
+            acc = reads.setdefault(antenna, [0, 0])
+            acc[0] += s
+            acc[1] += t
+    prior: Prior = {}
+    for antenna, (s, t) in reads.items():
+        rate = (s + 1.0) / (t + 2.0)
+        prior[antenna] = (PRIOR_STRENGTH * rate, PRIOR_STRENGTH * (1.0 - rate))
+    return prior
+
+
+def miss_probability(
+    history: TagHistory, passes: Mapping[int, int], prior: Prior | None = None
+) -> float:
+    """Chance that a tag still inside went unread through ``passes``.
+
+    Per antenna the read rate is uncertain: with ``s`` reads in ``t`` passes and
+    a Beta(a0, b0) prior (the antenna's population prior for an antenna that is
+    one of the tag's homes, else Jeffreys), the chance of ``n`` misses in a row is
+    the posterior predictive prod_{i<n} (b + i) / (a + b + i) with a = a0 + s,
+    b = b0 + t - s. Plugging in a point estimate instead is over-confident after
+    a short history and would blame a person for a tag that was merely hard to read.
+    """
+    home = homes(history)
     log_p = 0.0
     for antenna, n in passes.items():
-        if n:
-            log_p += n * math.log1p(-min(read_probability(history, antenna), 0.999999))
+        s, t = history.get(antenna, (0, 0))
+        a0, b0 = (prior or {}).get(antenna, JEFFREYS) if antenna in home else JEFFREYS
+        a, b = a0 + s, b0 + t - s
+        for i in range(n):
+            log_p += math.log((b + i) / (a + b + i))
     return math.exp(log_p)
 
 
@@ -141,6 +183,7 @@ class Inventory:
         self.status = "not opened"
         self.model = ""
         self.last_antenna_reads: dict[int, int] = {}
+        self.prior: Prior = {}
 
     def open(self) -> bool:
         """Open and configure the reader; False (with ``status`` set) if it is not there."""
@@ -175,6 +218,7 @@ class Inventory:
         Never raises for reader trouble: it is in ``failed``/``faults``/``degraded``.
         """
         expected = expected or {}
+        self.prior = population_prior(expected)
         scan = Scan(scan_id=str(uuid.uuid4()))
         started = time.monotonic()
         self.last_antenna_reads = {}
@@ -235,7 +279,7 @@ class Inventory:
                 for epc in expected
                 if epc not in scan.tags
                 and epc not in self.sentinels.values()
-                and miss_probability(expected[epc], self._evidence_passes(scan))
+                and miss_probability(expected[epc], self._evidence_passes(scan), self.prior)
                 > p.max_miss_probability
             ]
             if not doubtful:
@@ -303,7 +347,7 @@ class Inventory:
                     str(a) for a in sorted(home)
                 )
                 continue
-            p_miss = miss_probability(history, passes)
+            p_miss = miss_probability(history, passes, self.prior)
             if p_miss <= self.policy.max_miss_probability:
                 scan.gone[epc] = p_miss
             else:
