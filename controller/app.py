@@ -16,8 +16,9 @@ import schedule
 from flask import Blueprint
 from waitress.server import create_server
 
-from controller.cabinet import Cabinet, IdleScan, StatusBoard
+from controller.cabinet import Cabinet, ErpCommands, IdleScan, StatusBoard
 from controller.config import Config
+from controller.erp import ErpSecurity, RequestHandler
 from controller.inventory import Inventory
 from controller.mqtt_link import Outbox
 from controller.store import Store, utcnow
@@ -77,6 +78,15 @@ class CabinetApp:
             board=self.board,
             on_events=self.outbox.wake if self.outbox else lambda: None,
         )
+        if self.outbox is not None:
+            m = config.mqtt
+            self.outbox.handler = RequestHandler(
+                config.cabinet.site,
+                config.cabinet.name,
+                self.open_store,
+                ErpCommands(self.cabinet, self.outbox.status),
+                ErpSecurity(m.command_key.encode() or None, m.allowed_clients),
+            )
         self.badges = BadgeReader(
             config.nfc.path, self.cabinet.badge, holdoff_s=config.nfc.holdoff_s
         )

@@ -22,6 +22,7 @@ closed and locked) report changes as anomalies, never as silent state changes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.config import Config
+from controller.erp import CommandRefused
 from controller.inventory import Inventory, Scan
 from controller.store import Store, normalise_uid, utcnow
 from firmware import CabinetIO
@@ -56,8 +58,39 @@ class IdleScan:
 
 
 @dataclass(frozen=True)
+class Command:
+    """An ERP command for the cabinet thread; the result (or a CommandRefused) goes to ``reply``."""
+
+    name: str  # remote_unlock, lockdown, scan_now
+    args: dict[str, Any]
+    reply: queue.Queue[object]
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
+
+
+class ErpCommands:
+    """The cabinet side of ERP commands (``controller.erp.CabinetCommands``)."""
+
+    def __init__(self, cabinet: Cabinet, status: Callable[[], dict[str, Any]]) -> None:
+        self.cabinet = cabinet
+        self._status = status
+
+    def remote_unlock(self, user_id: int, requested_by: str, reason: str) -> dict:
+        return self.cabinet.command(
+            "remote_unlock", user_id=user_id, requested_by=requested_by, reason=reason
+        )
+
+    def lockdown(self, on: bool, requested_by: str, reason: str) -> dict:
+        return self.cabinet.command("lockdown", on=on, requested_by=requested_by, reason=reason)
+
+    def scan_now(self) -> dict:
+        return self.cabinet.command("scan_now", timeout=120.0)
+
+    def status(self) -> dict:
+        return self._status()
 
 
 class StatusBoard:
@@ -109,6 +142,7 @@ class Cabinet:
         self.state = IDLE
         self.session: dict[str, Any] | None = None  # {id, kind, user}
         self.alarm: str | None = None
+        self.locked_down = False  # ERP lockdown: no badge opens the cabinet
 
     # -- outside world ------------------------------------------------------------
 
@@ -160,6 +194,8 @@ class Cabinet:
                     self._on_door(message.is_open)
                 elif isinstance(message, IdleScan):
                     self._on_idle_scan()
+                elif isinstance(message, Command):
+                    self._on_command(message)
                 self._fire_timers()
             except Exception:
                 # A bug must not stop the cabinet: log it, secure the lock, carry on.
@@ -191,6 +227,8 @@ class Cabinet:
             log.info("badge %s ignored: cabinet is %s", uid, self.state)
             return
         check = self.store.check_badge(uid)
+        if check.granted and self.locked_down:
+            check = dataclasses.replace(check, reason="cabinet locked down")
         if not check.granted:
             self.io.indicator.denied()
             self._commit(
@@ -491,12 +529,90 @@ class Cabinet:
         self._commit(record)
         self._scan_summary(scan)
 
+    # -- ERP commands (controller/erp.py validates and authorises them first) -----------
+
+    def command(self, name: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+        """Run an ERP command on the cabinet thread and wait for its result.
+
+        Raises CommandRefused (with an error code for the reply) or TimeoutError.
+        """
+        reply: queue.Queue[object] = queue.Queue(maxsize=1)
+        self.post(Command(name, args, reply))
+        try:
+            result = reply.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the cabinet did not answer {name} within {timeout} s") from None
+        if isinstance(result, Exception):
+            raise result
+        return result  # type: ignore[return-value]
+
+    def _on_command(self, command: Command) -> None:
+        try:
+            result: object = getattr(self, f"_cmd_{command.name}")(**command.args)
+        except CommandRefused as exc:
+            result = exc
+        except Exception as exc:  # reported to the requester, logged by the loop's caller
+            log.exception("ERP command %s failed", command.name)
+            result = exc
+        command.reply.put(result)
+
+    def _cmd_remote_unlock(self, user_id: int, requested_by: str, reason: str) -> dict[str, Any]:
+        if self.locked_down:
+            raise CommandRefused("conflict", "the cabinet is locked down; release it first")
+        if self.state != IDLE:
+            raise CommandRefused("busy", f"the cabinet is {self.state}")
+        user = self.store.user(user_id)
+        if user is None:
+            raise CommandRefused("not_found", f"no user {user_id}")
+        if not user["enabled"]:
+            raise CommandRefused("conflict", f"user {user_id} is disabled")
+        self.io.lock.release(self.config.cabinet.unlock_s)
+        self.io.indicator.granted()
+        sid = ""
+
+        def record(s: Store) -> None:
+            nonlocal sid
+            sid = s.open_session("remote", user_id, None)
+            self.session = {"id": sid, "kind": "remote", "user": user}
+            s.append_event(
+                "remote_unlock",
+                session_id=sid,
+                user=user,
+                data={"requested_by": requested_by, "reason": reason},
+            )
+
+        self._commit(record)
+        self.state = UNLOCKED
+        self._deadlines["unlock_expired"] = time.monotonic() + self.config.cabinet.unlock_s
+        return {"session_id": sid, "unlock_s": self.config.cabinet.unlock_s}
+
+    def _cmd_lockdown(self, on: bool, requested_by: str, reason: str) -> dict[str, Any]:
+        self.locked_down = on
+        self._commit(
+            lambda s: s.append_event(
+                "lockdown" if on else "release",
+                data={"requested_by": requested_by, "reason": reason},
+            )
+        )
+        return {"locked_down": on}
+
+    def _cmd_scan_now(self) -> dict[str, Any]:
+        if self.state != IDLE or self.io.door.is_open:
+            raise CommandRefused("busy", f"the cabinet is {self.state}, door {self._door()}")
+        self._commit(lambda s: s.append_event("scan_now"))
+        self._on_idle_scan()
+        return dict(self.board.snapshot().get("last_scan") or {})
+
+    def _door(self) -> str:
+        return "open" if self.io.door.is_open else "closed"
+
     def _publish(self) -> None:
         session = self.session or {}
         user = session.get("user")
         self.board.update(
             state=self.state,
-            door="open" if self.io.door.is_open else "closed",
+            door=self._door(),
+            locked_down=self.locked_down,
             lock="released" if self.io.lock.released else "locked",
             reader=self.inventory.status,
             alarm=self.alarm,

@@ -221,11 +221,21 @@ class MqttConfig:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # ERP commands must carry an HMAC-SHA256 made with this key (see controller/erp.py);
+    # empty: every command is refused unless allowed_clients is set and the broker's ACL
+    # restricts who may publish on .../req/#.
+    command_key: str = ""
+    allowed_clients: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _check(1 <= self.port <= 65535, "port", "must be between 1 and 65535")
         _check(5 <= self.keepalive_s <= 3600, "keepalive_s", "must be between 5 and 3600 s")
         _check(bool(self.host), "host", "must not be empty")
+        _check(
+            not self.command_key or len(self.command_key.encode()) >= 16,
+            "command_key",
+            "must be at least 16 bytes (or empty)",
+        )
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from paho.mqtt.properties import Properties
 from controller import __version__
 from controller.cabinet import StatusBoard
 from controller.config import Config
+from controller.erp import Reply, RequestHandler, RequestMeta
 from controller.store import Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ class Outbox:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        # Set before start(): answers ERP requests on <prefix>/req/<op>.
+        self.handler: RequestHandler | None = None
+        self._requests: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(maxsize=1000)
         self._acks: queue.Queue[tuple[int, bool]] = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -85,6 +90,8 @@ class Outbox:
             self.board.update(mqtt=f"refused: {reason}")
             return
         self._connected.set()
+        if self.handler is not None:
+            client.subscribe(f"{self.prefix}/req/+", qos=1)
         self._status_version = -1  # republish status on every connect
         self.board.update(mqtt="connected")
         self._wake.set()
@@ -100,6 +107,33 @@ class Outbox:
     ) -> None:
         self._acks.put((mid, not reason.is_failure))
         self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Requests are answered on their own thread: a command may wait for the
+        # cabinet thread, and paho's thread must keep acknowledging publishes.
+        try:
+            self._requests.put_nowait(msg)
+        except queue.Full:
+            log.warning("ERP request dropped: %d requests already waiting", self._requests.qsize())
+
+    def _serve_requests(self) -> None:
+        while (msg := self._requests.get()) is not None:
+            assert self.handler is not None
+            props = getattr(msg, "properties", None)
+            meta = RequestMeta(
+                getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None)
+            )
+            op = msg.topic.rsplit("/", 1)[-1]
+            reply = self.handler.handle(op, msg.payload, meta)
+            if reply is not None:
+                self._send_reply(reply)
+
+    def _send_reply(self, reply: Reply) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        if reply.correlation_data is not None:
+            props.CorrelationData = reply.correlation_data
+        props.ContentType = "application/json"
+        self.client.publish(reply.topic, reply.payload, qos=1, properties=props)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -117,6 +151,8 @@ class Outbox:
         self.client.loop_start()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._thread.start()
+        if self.handler is not None:
+            threading.Thread(target=self._serve_requests, name="erp-requests", daemon=True).start()
 
     def wake(self) -> None:
         """New rows are in the outbox (called by the cabinet after a commit)."""
@@ -126,6 +162,7 @@ class Outbox:
         """Publish ``offline`` (the Will is not sent on a clean disconnect) and stop."""
         self._stop.set()
         self._wake.set()
+        self._requests.put(None)
         if self._thread:
             self._thread.join(timeout)
         if self._connected.is_set():
@@ -201,6 +238,14 @@ class Outbox:
         self._status_version = self.board.version
         payload = self._status_payload("online", store)
         self.client.publish(f"{self.prefix}/status", payload, qos=1, retain=True)
+
+    def status(self) -> dict[str, Any]:
+        """The status message as a dict (the ERP's get_status answer)."""
+        store = self.open_store()
+        try:
+            return json.loads(self._status_payload("online", store))
+        finally:
+            store.close()
 
     def _status_payload(self, state: str, store: Store | None = None) -> str:
         body: dict[str, Any] = {

@@ -180,6 +180,7 @@ class Demo:
         rounds: int = 2,
         dwell_ms: int = 100,
         protocol: str = "mercury",
+        command_key: str = "",
         nfc_holdoff_s: float = 1.5,
     ) -> None:
         web_host, web_port = _host_port(http, "http")
@@ -204,7 +205,9 @@ class Demo:
                 dwell_ms=dwell_ms,
             ),
             inventory=InventoryConfig(min_rounds=rounds, max_rounds=max(rounds, 6)),
-            mqtt=MqttConfig(enabled=mqtt is not None, host=mqtt_host, port=mqtt_port),
+            mqtt=MqttConfig(
+                enabled=mqtt is not None, host=mqtt_host, port=mqtt_port, command_key=command_key
+            ),
             web=WebConfig(host=web_host, port=web_port),
         )
         (self.data_dir / "smartcab.toml").write_text(to_toml(self.config))
