@@ -162,7 +162,10 @@ class Outbox:
         """Publish ``offline`` (the Will is not sent on a clean disconnect) and stop."""
         self._stop.set()
         self._wake.set()
-        self._requests.put(None)
+        try:
+            self._requests.put_nowait(None)  # ends the request worker
+        except queue.Full:
+            pass  # the worker is a daemon thread; it ends with the process
         if self._thread:
             self._thread.join(timeout)
         if self._connected.is_set():
