@@ -32,19 +32,12 @@ from controller.cabinet import StatusBoard
 from controller.store import Store
 
 EVENT_TYPES = (
-    "unit_taken",
-    "unit_returned",
-    "unknown_tag",
-    "access_granted",
-    "access_denied",
-    "access_expired",
-    "door_opened",
-    "door_closed",
-    "forced_entry",
-    "door_ajar",
-    "reader_fault",
-    "inventory_baseline",
-)
+    "unit_taken", "unit_returned", "unit_uncertain", "unit_confirmed", "unit_missing",
+    "unit_appeared", "unknown_tag", "access_granted", "access_denied", "access_expired",
+    "door_opened", "door_closed", "forced_entry", "door_ajar", "reader_fault",
+    "inventory_baseline", "remote_unlock", "lockdown", "release", "scan_now",
+    "users_upserted", "products_upserted", "units_upserted", "badge_disabled",
+)  # fmt: skip
 
 
 def describe(event: dict[str, Any]) -> str:
@@ -78,6 +71,27 @@ def describe(event: dict[str, Any]) -> str:
             return "Reader fault: " + "; ".join(data.get("faults") or [])
         case "inventory_baseline":
             return f"Baseline inventory: {data.get('tags')} tags"
+        case "unit_uncertain":
+            return f"Not sure whether {what} left (looking again): {data.get('reason')}"
+        case "unit_confirmed":
+            return f"{what} is in the cabinet after all"
+        case "unit_missing":
+            return f"ANOMALY: {what} is gone from the closed cabinet"
+        case "unit_appeared":
+            return f"ANOMALY: {what} appeared in the closed cabinet"
+        case "remote_unlock":
+            return f"ERP ({data.get('requested_by')}) unlocked the cabinet for {who}"
+        case "lockdown":
+            return f"ERP ({data.get('requested_by')}) locked the cabinet down: {data.get('reason')}"
+        case "release":
+            return f"ERP ({data.get('requested_by')}) released the lockdown"
+        case "scan_now":
+            return "ERP asked for an inventory"
+        case "users_upserted" | "products_upserted" | "units_upserted":
+            kind = event["type"].split("_")[0]
+            return f"ERP ({data.get('requested_by')}) updated {data.get('count')} {kind}"
+        case "badge_disabled":
+            return f"ERP ({data.get('requested_by')}) disabled badge {data.get('badge')}"
     return event["type"]
 
 
