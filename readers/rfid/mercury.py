@@ -15,18 +15,12 @@ share one definition of the bytes.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import serial
-
-try:  # pyserial's POSIX backend lets termios.error (not an OSError) escape from tcflush
-    from termios import error as _TermiosError
-except ImportError:  # pragma: no cover - non-POSIX host
-    _TermiosError = OSError  # type: ignore[assignment,misc]
 
 from .base import (
     FrameError,
@@ -35,11 +29,11 @@ from .base import (
     ReaderInfo,
     ReaderStatusError,
     ReaderTimeout,
-    RfidReader,
     TagReport,
     check_ports,
     select_antennas,
 )
+from .serial_link import LINK_ERRORS, SerialFactory, SerialReader
 
 __all__ = [
     "ANTENNA_STATUSES",
@@ -588,16 +582,12 @@ def parse_tag_buffer(data: bytes, expect_flags: int | None = None) -> list[TagRe
 
 # --------------------------------------------------------------------------- driver
 
-SerialFactory = Callable[..., Any]
-# What a vanished or failing serial device raises through pyserial.
-_LINK_ERRORS: tuple[type[BaseException], ...] = (serial.SerialException, OSError, _TermiosError)
-_POLL_S = 0.02
 # Sent before the first command so a module in a sleep power mode wakes up;
 # the module ignores 0xFF runs that do not form a frame.
 _WAKE_PREAMBLE = b"\xff" * 8
 
 
-class MercuryReader(RfidReader):
+class MercuryReader(SerialReader):
     """Driver for a Mercury (M6e-family) module on a serial port.
 
     ``antenna_ports`` overrides the port count implied by the model (for
@@ -626,27 +616,17 @@ class MercuryReader(RfidReader):
         q: int | None = None,
         mux_gpio: int = MUX_BOTH_GPOS,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        super().__init__(port, baudrate, timeout_s, serial_factory)
         if antenna_ports is not None and not 1 <= antenna_ports <= 16:
             raise ValueError(f"antenna_ports must be 1..16, got {antenna_ports}")
         if q is not None and not 0 <= q <= 15:
             raise ValueError(f"Gen2 Q must be 0..15, got {q}")
         if mux_gpio not in (1, 2, 3):
             raise ValueError(f"mux_gpio must be 1, 2 or 3, got {mux_gpio}")
-        self.port = port
-        self.baudrate = baudrate
-        self.timeout_s = timeout_s
-        self._serial_factory = serial_factory
         self._antenna_override = antenna_ports
         self._q = q
         self._mux_gpio = mux_gpio
-        self._serial: Any = None
         self._parser = FrameParser(replies=True)
-        self._lock = threading.RLock()
-        self._info: ReaderInfo | None = None
-        self._antennas: list[int] = []
-        self._closed_reason = ""
         self._target: int | None = None  # target code last set on the module
         self._session = 0
         self._mux_set = False
@@ -654,11 +634,6 @@ class MercuryReader(RfidReader):
         self.last_records: list[TagRecord] = []
 
     # ------------------------------------------------------------ public API
-
-    @property
-    def info(self) -> ReaderInfo | None:
-        """Identity from the last successful open(), else None."""
-        return self._info
 
     @property
     def crc_errors(self) -> int:
@@ -670,45 +645,15 @@ class MercuryReader(RfidReader):
         """Discarded-byte events on the reply stream since construction."""
         return self._parser.resyncs
 
-    def open(self) -> ReaderInfo:
-        """Open the port, wake the module, make sure the application runs, identify it."""
-        with self._lock:
-            if self._serial is not None and self._info is not None:
-                return self._info
-            try:
-                self._serial = self._serial_factory(
-                    self.port, baudrate=self.baudrate, timeout=min(_POLL_S, self.timeout_s)
-                )
-            except (*_LINK_ERRORS, ValueError) as exc:
-                self._serial = None
-                raise ReaderError(f"cannot open serial port {self.port!r}: {exc}") from exc
-            self._closed_reason = ""
-            self._forget_settings()
-            try:
-                self._write(_WAKE_PREAMBLE, "wake-up")
-                # Clones without 0x0C answer "invalid opcode": then assume the app runs.
-                program = self._command(OP_GET_CURRENT_PROGRAM, check=False)
-                if program.status == STATUS_OK and program.data[:1] and program.data[0] & 3 == 1:
-                    # Still in the bootloader: start the application firmware.
-                    self._command(OP_BOOT_FIRMWARE, allow_boot=True)
-                version = self._command(OP_VERSION)
-                self._info = self._parse_version(version.data)
-            except BaseException:
-                self.close()
-                raise
-            return self._info
-
-    def close(self) -> None:
-        """Close the port; safe to call any number of times."""
-        with self._lock:
-            ser, self._serial = self._serial, None
-            self._info = None
-            self._forget_settings()
-            if ser is not None:
-                try:
-                    ser.close()
-                except _LINK_ERRORS:
-                    pass  # the device may already be gone; closing is best effort
+    def _identify(self) -> ReaderInfo:
+        """Wake the module, make sure the application firmware runs, identify it."""
+        self._write(_WAKE_PREAMBLE, "wake-up")
+        # Clones without 0x0C answer "invalid opcode": then assume the app runs.
+        program = self._command(OP_GET_CURRENT_PROGRAM, check=False)
+        if program.status == STATUS_OK and program.data[:1] and program.data[0] & 3 == 1:
+            # Still in the bootloader: start the application firmware.
+            self._command(OP_BOOT_FIRMWARE, allow_boot=True)
+        return self._parse_version(self._command(OP_VERSION).data)
 
     def configure(
         self,
@@ -832,12 +777,6 @@ class MercuryReader(RfidReader):
 
     # ------------------------------------------------------------ internals
 
-    def _require_open(self) -> ReaderInfo:
-        if self._serial is None or self._info is None:
-            why = f" (link failed: {self._closed_reason})" if self._closed_reason else ""
-            raise ReaderError(f"reader on {self.port!r} is not open{why}")
-        return self._info
-
     def _parse_version(self, data: bytes) -> ReaderInfo:
         if len(data) < 16:
             raise FrameError(f"version reply has {len(data)} data bytes, expected at least 16")
@@ -955,27 +894,13 @@ class MercuryReader(RfidReader):
                 status,
             )
 
-    def _fail_link(self, what: str, exc: BaseException) -> ReaderError:
-        self._closed_reason = f"{what}: {exc}"
-        err = ReaderError(
-            f"serial link to {self.port!r} failed during {what}: {exc} (unplugged or powered off?)"
-        )
-        ser, self._serial = self._serial, None
-        self._info = None
-        if ser is not None:
-            try:
-                ser.close()
-            except _LINK_ERRORS:
-                pass  # already broken; the error above is what matters
-        return err
-
     def _write(self, payload: bytes, what: str) -> None:
         if self._serial is None:
             raise ReaderError(f"reader on {self.port!r} is not open")
         try:
             self._serial.write(payload)
             self._serial.flush()
-        except _LINK_ERRORS as exc:
+        except LINK_ERRORS as exc:
             raise self._fail_link(what, exc) from exc
 
     def _command(
@@ -997,7 +922,7 @@ class MercuryReader(RfidReader):
         self._parser.reset()
         try:
             ser.reset_input_buffer()
-        except _LINK_ERRORS as exc:
+        except LINK_ERRORS as exc:
             raise self._fail_link(what, exc) from exc
         self._write(build_command(opcode, data), what)
 
@@ -1010,7 +935,7 @@ class MercuryReader(RfidReader):
                 break
             try:
                 chunk = ser.read(ser.in_waiting or 1)
-            except _LINK_ERRORS as exc:
+            except LINK_ERRORS as exc:
                 raise self._fail_link(what, exc) from exc
             if not chunk:
                 continue

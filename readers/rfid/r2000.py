@@ -26,18 +26,12 @@ Command codes differ between firmware families, so the driver takes them from
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import serial
-
-try:  # pyserial's POSIX backend lets termios.error (not an OSError) escape from tcflush
-    from termios import error as _TermiosError
-except ImportError:  # pragma: no cover - non-POSIX host
-    _TermiosError = OSError  # type: ignore[assignment,misc]
 
 from .base import (
     FrameError,
@@ -46,11 +40,11 @@ from .base import (
     ReaderInfo,
     ReaderStatusError,
     ReaderTimeout,
-    RfidReader,
     TagReport,
     check_ports,
     select_antennas,
 )
+from .serial_link import LINK_ERRORS, SerialFactory, SerialReader
 
 __all__ = [
     "BROADCAST",
@@ -392,14 +386,11 @@ def parse_tag_frame(data: bytes, group: int = 0) -> R2000TagRead:
 
 # --------------------------------------------------------------------------- driver
 
-SerialFactory = Callable[..., Any]
-_LINK_ERRORS: tuple[type[BaseException], ...] = (serial.SerialException, OSError, _TermiosError)
-_POLL_S = 0.02
 MODES = ("session", "fast_switch", "realtime")
 END_LEN = 7  # data bytes of an end-of-run frame
 
 
-class R2000Reader(RfidReader):
+class R2000Reader(SerialReader):
     """Driver for an R2000 "0xA0" reader on a serial port.
 
     Keywords:
@@ -439,8 +430,7 @@ class R2000Reader(RfidReader):
         save_power: bool = False,
         stream_limit_s: float = 60.0,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        super().__init__(port, baudrate, timeout_s, serial_factory)
         if not 0 <= address <= 0xFF:
             raise ValueError(f"address must be 0..255, got {address}")
         if antenna_ports not in (None, 4, 8, 16):
@@ -455,33 +445,19 @@ class R2000Reader(RfidReader):
             raise ValueError(f"round_ms must be >= 1, got {round_ms}")
         if stream_limit_s <= 0:
             raise ValueError(f"stream_limit_s must be positive, got {stream_limit_s}")
-        self.port = port
-        self.baudrate = baudrate
-        self.timeout_s = timeout_s
         self.address = address
         self.cmds = COMMAND_SETS[firmware]
         self.mode = mode
         self.round_ms = round_ms
         self.save_power = save_power
         self.stream_limit_s = stream_limit_s
-        self._serial_factory = serial_factory
         self._antenna_ports = antenna_ports
-        self._serial: Any = None
         self._parser = R2000Parser()
-        self._lock = threading.RLock()
-        self._info: ReaderInfo | None = None
-        self._antennas: list[int] = []
         self._session = 0
         self._groups = False  # 16-port mode: ports 9-16 through the antenna group command
         self._group: int | None = None
-        self._closed_reason = ""
 
     # ------------------------------------------------------------ public API
-
-    @property
-    def info(self) -> ReaderInfo | None:
-        """Identity from the last successful open(), else None."""
-        return self._info
 
     @property
     def checksum_errors(self) -> int:
@@ -495,48 +471,17 @@ class R2000Reader(RfidReader):
         """Discarded-byte events on the reply stream since construction."""
         return self._parser.resyncs
 
-    def open(self) -> ReaderInfo:
-        """Open the port and identify the reader (firmware version, 0x72)."""
-        with self._lock:
-            if self._serial is not None and self._info is not None:
-                return self._info
-            try:
-                self._serial = self._serial_factory(
-                    self.port, baudrate=self.baudrate, timeout=min(_POLL_S, self.timeout_s)
-                )
-            except (*_LINK_ERRORS, ValueError) as exc:
-                self._serial = None
-                raise ReaderError(f"cannot open serial port {self.port!r}: {exc}") from exc
-            self._closed_reason = ""
-            self._forget_settings()
-            try:
-                version = self._command(self.cmds.get_version, status=False)
-                if len(version.data) != 2:
-                    raise FrameError(
-                        f"version reply has {len(version.data)} data bytes, expected 2"
-                    )
-                self._info = ReaderInfo(
-                    protocol="r2000",
-                    model="R2000 module",
-                    firmware=f"{version.data[0]}.{version.data[1]}",
-                    antenna_ports=self._antenna_ports or 16,
-                )
-            except BaseException:
-                self.close()
-                raise
-            return self._info
-
-    def close(self) -> None:
-        """Close the port; safe to call any number of times."""
-        with self._lock:
-            ser, self._serial = self._serial, None
-            self._info = None
-            self._forget_settings()
-            if ser is not None:
-                try:
-                    ser.close()
-                except _LINK_ERRORS:
-                    pass  # the device may already be gone; closing is best effort
+    def _identify(self) -> ReaderInfo:
+        """Ask the firmware version (0x72); the protocol has no model or port count."""
+        version = self._command(self.cmds.get_version, status=False)
+        if len(version.data) != 2:
+            raise FrameError(f"version reply has {len(version.data)} data bytes, expected 2")
+        return ReaderInfo(
+            protocol="r2000",
+            model="R2000 module",
+            firmware=f"{version.data[0]}.{version.data[1]}",
+            antenna_ports=self._antenna_ports or 16,
+        )
 
     def configure(
         self,
@@ -814,12 +759,6 @@ class R2000Reader(RfidReader):
         self._group = None
         self._groups = False
 
-    def _require_open(self) -> ReaderInfo:
-        if self._serial is None or self._info is None:
-            why = f" (link failed: {self._closed_reason})" if self._closed_reason else ""
-            raise ReaderError(f"reader on {self.port!r} is not open{why}")
-        return self._info
-
     @staticmethod
     def _power_byte(power_dbm: float) -> int:
         value = round(float(power_dbm))
@@ -835,21 +774,6 @@ class R2000Reader(RfidReader):
     def _ours(self, frame: R2000Frame) -> bool:
         return self.address == BROADCAST or frame.address in (self.address, BROADCAST)
 
-    def _fail_link(self, what: str, exc: BaseException) -> ReaderError:
-        self._closed_reason = f"{what}: {exc}"
-        err = ReaderError(
-            f"serial link to {self.port!r} failed during {what}: {exc} (unplugged or powered off?)"
-        )
-        ser, self._serial = self._serial, None
-        self._info = None
-        self._forget_settings()
-        if ser is not None:
-            try:
-                ser.close()
-            except _LINK_ERRORS:
-                pass  # already broken; the error above is what matters
-        return err
-
     def _begin(self, cmd: int, data: bytes, what: str) -> Any:
         """Flush stale input and send one command; returns the serial port."""
         ser = self._serial
@@ -861,14 +785,14 @@ class R2000Reader(RfidReader):
             ser.reset_input_buffer()
             ser.write(build_frame(self.address, cmd, data))
             ser.flush()
-        except _LINK_ERRORS as exc:
+        except LINK_ERRORS as exc:
             raise self._fail_link(what, exc) from exc
         return ser
 
     def _read(self, ser: Any, what: str) -> bytes:
         try:
             return ser.read(ser.in_waiting or 1)
-        except _LINK_ERRORS as exc:
+        except LINK_ERRORS as exc:
             raise self._fail_link(what, exc) from exc
 
     def _command(self, cmd: int, data: bytes = b"", *, status: bool = True) -> R2000Frame:
