@@ -551,7 +551,7 @@ class Cabinet:
             result: object = getattr(self, f"_cmd_{command.name}")(**command.args)
         except CommandRefused as exc:
             result = exc
-        except Exception as exc:  # reported to the requester, logged by the loop's caller
+        except Exception as exc:  # logged here; the requester gets an "internal" error
             log.exception("ERP command %s failed", command.name)
             result = exc
         command.reply.put(result)

@@ -103,11 +103,6 @@ class Scan:
         return out
 
 
-def diff(before: set[str], seen: set[str]) -> tuple[set[str], set[str]]:
-    """Tags that left (in ``before``, not seen) and tags that arrived."""
-    return before - seen, seen - before
-
-
 def read_probability(history: TagHistory, antenna: int) -> float:
     """Estimated chance that one pass on ``antenna`` reads the tag (posterior mean)."""
     s, t = history.get(antenna, (0, 0))
